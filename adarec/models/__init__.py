@@ -1,0 +1,1 @@
+"""Sequential recommenders: SASRec, ELCRec (and later ADARec)."""

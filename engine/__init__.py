@@ -1,0 +1,1 @@
+"""DeepSpeed-driven training and evaluation loop; imported as adarec.engine."""

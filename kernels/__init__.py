@@ -1,0 +1,1 @@
+"""Triton kernels (fused ops with eager twins in adarec/); imported as adarec.kernels."""

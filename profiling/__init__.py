@@ -1,0 +1,1 @@
+"""NVTX ranges and throughput benchmarks; imported as adarec.profiling."""
