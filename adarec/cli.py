@@ -1,0 +1,95 @@
+"""Command line: `adarec train` and `adarec evaluate`.
+
+Every AdarecError (bad data, bad config, nothing to resume...) ends with one message on stderr
+and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import AdarecError
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML run config (configs/*.yaml); optional with --resume")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                        metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. --set train.lr=2e-3 data.max_users=500")
+    parser.add_argument("--output-dir", help="run directory (default: runs/<model>_<data file stem>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output-dir from its latest checkpoint")
+    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    # Passed by the deepspeed launcher; the rank is read from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from .config import apply_overrides, describe_keys, load_config
+
+    if args.help_config:
+        print(describe_keys())
+        return 0
+    run_dir = Path(args.output_dir) if args.output_dir else None
+    if args.resume:
+        if run_dir is None:
+            raise AdarecError("--resume needs --output-dir (the run to continue)")
+        saved = run_dir / "config.yaml"
+        if not saved.exists():
+            raise AdarecError(f"{run_dir}: nothing to resume (no config.yaml)")
+        cfg = apply_overrides(load_config(saved), args.overrides)
+    else:
+        if not args.config:
+            raise AdarecError("train needs --config FILE (or --resume --output-dir DIR)")
+        cfg = load_config(args.config, args.overrides)
+    if run_dir is None:
+        run_dir = Path("runs") / f"{cfg.model.name}_{Path(cfg.data.path).stem}"
+    from adarec.engine.trainer import run_training
+
+    result = run_training(cfg, run_dir, resume=args.resume)
+    print(json.dumps(result))
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from adarec.engine.offline import evaluate_run
+
+    print(json.dumps(evaluate_run(Path(args.run), args.split, args.device)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adarec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model (DeepSpeed engine)")
+    add_train_arguments(train)
+    train.set_defaults(func=train_command)
+    ev = sub.add_parser("evaluate", help="evaluate a finished run's best weights")
+    ev.add_argument("--run", required=True, help="run directory written by adarec train")
+    ev.add_argument("--split", choices=("valid", "test"), default="test")
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ev.set_defaults(func=evaluate_command)
+    return parser
+
+
+def run(func, args) -> int:
+    try:
+        return func(args)
+    except AdarecError as err:
+        print(f"adarec: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("adarec: interrupted; resume with --resume --output-dir <run>", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,496 @@
+"""Run configuration: one dataclass per YAML section, dotted overrides, strict checking.
+
+A run is described by defaults < YAML file < ``--set section.key=value`` overrides. Every key
+is typed by its annotation and documented by the string literal on the line after it (read
+back by ``field_docs``), so unknown keys, wrong types and bad values end the run with a
+``ConfigError`` that names the file or override and lists what would be valid.
+"""
+
+import ast
+import copy
+import dataclasses
+import functools
+import inspect
+import itertools
+import json
+import math
+import os
+import re
+import tempfile
+import textwrap
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import yaml
+
+from .errors import ConfigError, DataError
+
+MODEL_NAMES: tuple[str, ...] = ("sasrec", "elcrec")
+"""Valid values of model.name; the model registry extends this tuple when it adds models."""
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The folder holding configs/ and data/ in a source checkout (fallback for relative paths)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/Beauty.txt"
+    """Interaction file, one line per user: 'user item item ...' in time order. A relative path
+    is looked up in the current directory first, then in the repository root."""
+    max_len: int = 50
+    """Maximum sequence length fed to the model (older items are cut, short ones left-padded)."""
+    shorten_seq_to: int | None = None
+    """Sparse setting: keep only the last k history items of every user in every split; the
+    max length becomes k + 3. null keeps full histories."""
+    max_users: int | None = None
+    """Keep only the first N users of the file (quick runs and tests). null keeps all."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "sasrec"
+    """Model to train: sasrec or elcrec."""
+    hidden_size: int = 64
+    """Embedding and Transformer hidden size D; must be divisible by num_heads."""
+    num_layers: int = 2
+    """Number of post-LN Transformer blocks in the encoder."""
+    num_heads: int = 2
+    """Attention heads per Transformer block."""
+    hidden_dropout: float = 0.5
+    """Dropout on embeddings and Transformer hidden states, in [0, 1)."""
+    attn_dropout: float = 0.5
+    """Dropout on attention probabilities, in [0, 1)."""
+    initializer_range: float = 0.02
+    """Standard deviation of the normal init of Linear and Embedding weights."""
+    rec_loss: str = "bce"
+    """Next-item loss: bce (one sampled negative per position, the authors' code) or ce
+    (full-softmax cross-entropy over all items, as the paper writes)."""
+    cf_weight: float = 0.1
+    """ELCRec: weight of the instance contrastive loss between two augmented views."""
+    intent_cf_weight: float = 0.1
+    """ELCRec: weight of the intent contrastive loss between views and their intent centers."""
+    num_intent_clusters: int = 256
+    """ELCRec: number K of learnable intent centers (256 Beauty/Yelp, 512 Sports/Toys)."""
+    trade_off: float = 1.0
+    """ELCRec: weight of the cluster term (sample-center minus center-center distance)."""
+    cl_temperature: float = 1.0
+    """ELCRec: temperature of the NT-Xent contrastive losses."""
+    crop_ratio: float = 0.2
+    """ELCRec augmentation: fraction of the sequence kept by Crop, in (0, 1]."""
+    mask_ratio: float = 0.7
+    """ELCRec augmentation: fraction of positions set to padding by Mask, in [0, 1]."""
+    reorder_ratio: float = 0.2
+    """ELCRec augmentation: fraction of the sequence shuffled by Reorder, in [0, 1]."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    """Maximum number of training epochs."""
+    batch_size: int = 256
+    """Users per training batch (global, over all ranks)."""
+    lr: float = 1e-3
+    """Adam learning rate (constant, no schedule)."""
+    weight_decay: float = 0.0
+    """Adam weight decay (L2), >= 0."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas [beta1, beta2], each in [0, 1)."""
+    grad_clip: float = 0.0
+    """Gradient clipping norm; 0 disables it. Written explicitly into the DeepSpeed config."""
+    seed: int = 42
+    """Random seed for Python, NumPy and torch, in [0, 2**32)."""
+    patience: int = 40
+    """Early stopping: evaluations without improvement of select_metric before stopping."""
+    eval_every: int = 1
+    """Evaluate on the validation split every this many epochs."""
+    device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu or cuda."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage, 0 to 3."""
+    num_threads: int | None = None
+    """torch CPU threads (torch.set_num_threads); null leaves torch's default."""
+    log_every: int = 20
+    """Training steps between progress-bar loss updates."""
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    """Cut-offs K for HR@K and NDCG@K."""
+    protocol: str = "full"
+    """full: the user's history items excluded (-inf), padding/mask rows never ranked.
+    compat: the authors' quirk, history items scored 0 and padding/mask rows kept as candidates."""
+    batch_size: int = 1024
+    """Users per evaluation batch."""
+    select_metric: str = "NDCG@20"
+    """Validation metric for model selection and early stopping: HR@K or NDCG@K, K in ks."""
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset file and sequence preparation."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture and loss weights."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimization, early stopping and runtime settings."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Ranking evaluation settings."""
+
+
+# ----------------------------------------------------------------------------- docs and types
+
+
+@functools.cache
+def _field_docs(cls: type) -> tuple[tuple[str, str], ...]:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef)).body
+    docs = []
+    for node, after in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs.append((node.target.id, inspect.cleandoc(after.value.value)))
+    return tuple(docs)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each field of dataclass ``cls`` to its attribute docstring (read from the source)."""
+    return dict(_field_docs(cls))
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)}
+
+
+def _key_types(section_cls: type) -> dict[str, object]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+          str: ("a string", "strings"), bool: ("true or false", "booleans")}
+
+
+def _optional_inner(tp: object) -> object | None:
+    """X for Optional[X], else None."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1:
+            return inner[0]
+    return None
+
+
+def _describe(tp: object) -> str:
+    if typing.get_origin(tp) is list:
+        return f"a list of {_NAMES[typing.get_args(tp)[0]][1]}"
+    return _NAMES[tp][0]
+
+
+def _type_name(tp: object) -> str:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return f"{_type_name(inner)}|null"
+    if typing.get_origin(tp) is list:
+        return f"list[{typing.get_args(tp)[0].__name__}]"
+    return tp.__name__
+
+
+def _coerce(value: object, tp: object, key: str, where: str, nullable: bool = False) -> object:
+    """Return ``value`` checked against annotation ``tp`` (ints become floats for float)."""
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return None if value is None else _coerce(value, inner, key, where, nullable=True)
+    if typing.get_origin(tp) is list:
+        if isinstance(value, (list, tuple)):
+            elem = typing.get_args(tp)[0]
+            return [_coerce(v, elem, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+    wanted = _describe(tp) + (" or null" if nullable else "")
+    raise ConfigError(f"{where}: {key} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+# ----------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-3 as a float (YAML 1.1 wants 1.0e-3) and rejects duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _read_yaml(path: Path) -> object:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: invalid YAML{at}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _section_cls(section: str, where: str) -> type:
+    sections = _sections()
+    if section not in sections:
+        raise ConfigError(f"{where}: unknown section {section!r}; valid sections: "
+                          f"{', '.join(sections)}")
+    return sections[section]
+
+
+def _set(cfg: RunConfig, section: str, key: str, value: object, where: str,
+         sources: dict[str, str]) -> None:
+    key_types = _key_types(_section_cls(section, where))
+    if key not in key_types:
+        raise ConfigError(f"{where}: unknown key '{section}.{key}'; valid keys in {section!r}: "
+                          f"{', '.join(key_types)}")
+    dotted = f"{section}.{key}"
+    setattr(getattr(cfg, section), key, _coerce(value, key_types[key], dotted, where))
+    sources.pop(dotted, None)  # keep insertion order = order of setting, newest last
+    sources[dotted] = where
+
+
+def _merge(cfg: RunConfig, data: object, where: str, sources: dict[str, str]) -> RunConfig:
+    if data is None:
+        return cfg
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections "
+                          f"({', '.join(_sections())}), got {type(data).__name__}")
+    for section, body in data.items():
+        _section_cls(str(section), where)
+        if body is None:  # "train:" with nothing under it
+            continue
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping of keys, "
+                              f"got {body!r} ({type(body).__name__})")
+        for key, value in body.items():
+            _set(cfg, str(section), str(key), value, where, sources)
+    return cfg
+
+
+def _apply(cfg: RunConfig, overrides: Sequence[str], prefix: str,
+           sources: dict[str, str]) -> RunConfig:
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    for item in overrides:
+        where = f"{prefix} {item}"
+        dotted, sep, text = item.partition("=")
+        dotted = dotted.strip()
+        if not sep:
+            raise ConfigError(f"{where}: an override must look like section.key=value "
+                              "(no '=' found)")
+        section, dot, key = dotted.partition(".")
+        if not dot or not section or not key or "." in key:
+            raise ConfigError(f"{where}: the key must be section.key (one dot), got {dotted!r}; "
+                              f"sections: {', '.join(_sections())}")
+        try:
+            value = yaml.load(text, Loader=_Loader)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(f"{where}: cannot parse value {text!r}: {problem}") from None
+        _set(cfg, section, key, value, where, sources)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+_METRIC = re.compile(r"^(HR|NDCG)@([0-9]+)$")
+
+
+def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
+    def need(ok: bool, key: str, rule: str, also: Sequence[str] = ()) -> None:
+        """Raise unless ok, naming where the newest of ``key`` and ``also`` was set."""
+        if not ok:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            set_keys = [k for k in sources if k in (key, *also)]
+            origin = sources[set_keys[-1]] if set_keys else where
+            raise ConfigError(f"{origin}: {key} {rule}, got {value!r}")
+
+    def choice(key: str, options: Sequence[str]) -> None:
+        section, name = key.split(".")
+        need(getattr(getattr(cfg, section), name) in options, key,
+             f"must be one of {', '.join(options)}")
+
+    d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
+    need(bool(d.path), "data.path", "must not be empty")
+    need(d.max_len >= 1, "data.max_len", "must be >= 1")
+    need(d.shorten_seq_to is None or d.shorten_seq_to >= 1, "data.shorten_seq_to",
+         "must be >= 1 or null")
+    need(d.max_users is None or d.max_users >= 1, "data.max_users", "must be >= 1 or null")
+
+    choice("model.name", MODEL_NAMES)
+    for key in ("hidden_size", "num_layers", "num_heads", "num_intent_clusters"):
+        need(getattr(m, key) >= 1, f"model.{key}", "must be >= 1")
+    need(m.hidden_size % m.num_heads == 0, "model.hidden_size",
+         f"must be divisible by model.num_heads ({m.num_heads})", also=("model.num_heads",))
+    for key in ("hidden_dropout", "attn_dropout"):
+        need(0.0 <= getattr(m, key) < 1.0, f"model.{key}", "must be in [0, 1)")
+    need(m.initializer_range > 0, "model.initializer_range", "must be > 0")
+    choice("model.rec_loss", ("bce", "ce"))
+    for key in ("cf_weight", "intent_cf_weight", "trade_off"):
+        need(getattr(m, key) >= 0, f"model.{key}", "must be >= 0")
+    need(m.cl_temperature > 0, "model.cl_temperature", "must be > 0")
+    need(0.0 < m.crop_ratio <= 1.0, "model.crop_ratio", "must be in (0, 1]")
+    for key in ("mask_ratio", "reorder_ratio"):
+        need(0.0 <= getattr(m, key) <= 1.0, f"model.{key}", "must be in [0, 1]")
+
+    for key in ("epochs", "batch_size", "patience", "eval_every", "log_every"):
+        need(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
+    need(t.lr > 0, "train.lr", "must be > 0")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(len(t.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in t.adam_betas),
+         "train.adam_betas", "must be two numbers in [0, 1)")
+    need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    need(0 <= t.seed < 2**32, "train.seed", "must be in [0, 2**32)")
+    choice("train.device", ("auto", "cpu", "cuda"))
+    choice("train.precision", ("auto", "fp32", "bf16"))
+    need(0 <= t.zero_stage <= 3, "train.zero_stage", "must be 0, 1, 2 or 3")
+    need(t.num_threads is None or t.num_threads >= 1, "train.num_threads", "must be >= 1 or null")
+
+    need(len(e.ks) > 0 and all(k >= 1 for k in e.ks), "eval.ks",
+         "must be a non-empty list of integers >= 1")
+    need(len(set(e.ks)) == len(e.ks), "eval.ks", "must not repeat a cut-off")
+    choice("eval.protocol", ("full", "compat"))
+    need(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    match = _METRIC.match(e.select_metric)
+    need(match is not None, "eval.select_metric", "must look like HR@K or NDCG@K")
+    need(int(match.group(2)) in e.ks, "eval.select_metric",
+         f"needs its K in eval.ks {e.ks}", also=("eval.ks",))
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
+    """Check every value of ``cfg``; raise ConfigError naming ``where`` on the first problem."""
+    _validate(cfg, where, {})
+    return cfg
+
+
+def config_from_dict(d: object, where: str = "config", *, check: bool = True) -> RunConfig:
+    """Build a RunConfig from a {section: {key: value}} mapping merged onto the defaults."""
+    sources: dict[str, str] = {}
+    cfg = _merge(RunConfig(), d, where, sources)
+    if check:
+        _validate(cfg, where, sources)
+    return cfg
+
+
+def apply_overrides(cfg: RunConfig, overrides: Sequence[str], where: str = "--set") -> RunConfig:
+    """Return a validated copy of ``cfg`` with ``section.key=value`` overrides applied."""
+    sources: dict[str, str] = {}
+    new = _apply(copy.deepcopy(cfg), overrides, where, sources)
+    _validate(new, "config", sources)
+    return new
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults, then the YAML file at ``path`` (None: defaults only), then the overrides."""
+    where = str(path) if path is not None else "config"
+    data = _read_yaml(Path(path)) if path is not None else None
+    sources: dict[str, str] = {}
+    cfg = _merge(RunConfig(), data, where, sources)
+    _apply(cfg, overrides, "--set", sources)
+    _validate(cfg, where, sources)
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """Plain {section: {key: value}} dict of ``cfg`` (YAML/JSON serializable)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML atomically (temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "# adarec run config (defaults + config file + overrides, resolved)\n"
+    text += yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resolve_data_path(cfg: RunConfig | DataConfig) -> Path:
+    """data.path as an existing file: as given, else relative to the current directory, else
+    relative to the repository root (so the shipped data/ works from any directory)."""
+    data = cfg.data if isinstance(cfg, RunConfig) else cfg
+    path = Path(data.path).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, REPO_ROOT / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"data.path {data.path!r}: file not found (looked at "
+                    f"{', '.join(str(c) for c in candidates)})")
+
+
+def describe_keys() -> str:
+    """A table of every key: ``section.key  type  default  description``."""
+    rows = [("key", "type", "default", "description")]
+    for section, cls in _sections().items():
+        docs = field_docs(cls)
+        defaults = cls()
+        for name, tp in _key_types(cls).items():
+            rows.append((f"{section}.{name}", _type_name(tp),
+                         json.dumps(getattr(defaults, name)), " ".join(docs[name].split())))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=False)) + "  " + r[3] for r in rows
+    )

@@ -1,0 +1,146 @@
+"""On-device training batches: shuffled rows, exact negative sampling, augmented views.
+
+Nothing here synchronises with the host per batch: batch boundaries are known from the number
+of training rows (a host integer), and negatives are drawn in closed form (no rejection loop).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from adarec.data.augment import random_views
+from adarec.data.split import SplitData
+
+__all__ = ["TrainBatchSampler", "sample_negatives"]
+
+
+def sample_negatives(seen_sorted: torch.Tensor, seen_count: torch.Tensor,
+                     shape_or_like: torch.Tensor, num_items: int,
+                     gen: torch.Generator) -> torch.Tensor:
+    """For every element of ``shape_or_like`` [B, L], an item uniform over {1..N} minus row b's seen set.
+
+    ``seen_sorted`` [B, S] holds each row's unique seen items ascending, padded with a sentinel
+    > N + S; ``seen_count`` [B] the number of real entries. If a row has seen every item there is
+    no valid negative and the result for that row is unspecified (but still in 1..N).
+    """
+    B, L = shape_or_like.shape
+    device = seen_sorted.device
+    # Draw the rank r of the negative among the row's unseen items, uniform in [0, N - count).
+    free = (num_items - seen_count).clamp_min(1)[:, None]
+    u = torch.rand((B, L), generator=gen, device=device, dtype=torch.float64)
+    r = torch.minimum(torch.floor(u * free).to(torch.int64), free - 1)
+    # Map r to the r-th unseen item. With h_i the seen items ascending (i 0-based),
+    # a_i = h_i - 1 - i is the number of unseen items below h_i (non-decreasing in i).
+    # The r-th unseen item x has exactly j = #{i : a_i <= r} seen items below it, so
+    # x = r + 1 + j. Sentinel pads give a_i >= 2N + 1 > r and never count.
+    idx = torch.arange(seen_sorted.shape[1], device=device)
+    a = seen_sorted - 1 - idx[None, :]
+    j = torch.searchsorted(a, r, right=True)
+    return (r + 1 + j).clamp_(1, num_items)
+
+
+def _derived_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers, so nearby (seed, rank, epoch) give unrelated streams."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+class TrainBatchSampler:
+    """Yields one epoch of training batches for one rank, all tensors on ``device``.
+
+    Every epoch's randomness is derived from (seed, epoch) for the row permutation (identical on
+    all ranks, so each rank takes the disjoint slice ``perm[rank::world_size]``) and from
+    (seed, rank, epoch) for negatives and views (different per rank). Reseeding per epoch makes
+    ``epoch(e)`` a pure function of the constructor arguments and ``e``: a resumed run reproduces
+    an uninterrupted one even if an earlier epoch was stopped part-way.
+
+    Each batch: ``input_ids``, ``target_pos``, ``target_neg`` (0 where ``target_pos`` is 0),
+    ``user`` and, with ``with_views``, ``view1`` / ``view2``. The per-rank batch size is
+    ``batch_size // world_size`` and the last partial batch is kept. When the row count is not a
+    multiple of ``world_size`` ranks can differ by one step; ``pad_ranks=True`` pads the
+    permutation with its first rows (as torch's DistributedSampler does) so every rank gets the
+    same number of rows and steps, at the cost of a few rows seen twice per epoch.
+    """
+
+    def __init__(self, split: SplitData, batch_size: int, seed: int, *, rank: int = 0,
+                 world_size: int = 1, with_views: bool = False, crop_ratio: float = 0.2,
+                 mask_ratio: float = 0.7, reorder_ratio: float = 0.2,
+                 device: torch.device | str | None = None, pad_ranks: bool = False) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if batch_size // world_size < 1:
+            raise ValueError(f"batch_size {batch_size} is smaller than world_size {world_size}")
+        self.device = torch.device(device) if device is not None else split.train_input.device
+        if split.train_input.device != self.device or split.seen_sorted.device != self.device:
+            raise ValueError(f"split is on {split.train_input.device}, sampler device is "
+                             f"{self.device}; call split.to(device) first")
+        self.split = split
+        self.batch_size = batch_size
+        self.local_batch = batch_size // world_size
+        self.seed, self.rank, self.world_size = int(seed), rank, world_size
+        self.with_views = with_views
+        self.ratios = (crop_ratio, mask_ratio, reorder_ratio)
+        self.pad_ranks = pad_ranks
+        self.num_rows = int(split.train_input.shape[0])
+        if pad_ranks:
+            self.rank_rows = math.ceil(self.num_rows / world_size)
+        else:
+            self.rank_rows = len(range(rank, self.num_rows, world_size))
+        self._last_epoch = -1
+
+    def __len__(self) -> int:
+        """Steps per epoch on this rank."""
+        return math.ceil(self.rank_rows / self.local_batch)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed)
+        return g
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of epoch ``epoch`` for this rank (same result however often it is called)."""
+        self._last_epoch = epoch
+        s = self.split
+        perm = torch.randperm(self.num_rows, generator=self._generator(_derived_seed(self.seed, epoch, 0)),
+                              device=self.device)
+        total = self.rank_rows * self.world_size
+        if self.pad_ranks and self.num_rows and total > self.num_rows:
+            perm = perm.repeat(math.ceil(total / self.num_rows))[:total]
+        rows = perm[self.rank :: self.world_size]
+        g = self._generator(_derived_seed(self.seed, epoch, 1, self.rank))
+        for i in range(len(self)):
+            idx = rows[i * self.local_batch : (i + 1) * self.local_batch]
+            user = s.train_user[idx]
+            inp, pos = s.train_input[idx], s.train_target[idx]
+            neg = sample_negatives(s.seen_sorted[user], s.seen_count[user], pos, s.num_items, g)
+            batch = {"input_ids": inp, "target_pos": pos,
+                     "target_neg": torch.where(pos > 0, neg, torch.zeros_like(neg)), "user": user}
+            if self.with_views:
+                batch["view1"] = random_views(inp, g, *self.ratios)
+                batch["view2"] = random_views(inp, g, *self.ratios)
+            yield batch
+
+    def state_dict(self) -> dict:
+        """What determines future batches: every epoch's seeds derive from these values."""
+        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "batch_size": self.batch_size, "with_views": self.with_views,
+                "ratios": list(self.ratios), "pad_ranks": self.pad_ranks,
+                "num_rows": self.num_rows, "last_epoch": self._last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`; afterwards ``epoch(e)`` matches the saved sampler's.
+
+        Since batches are a pure function of (seed, epoch, layout), there is no generator state to
+        restore. A different seed or number of training rows means a different run and raises
+        ValueError; a changed rank layout or batch size is allowed (an elastic resume) but then
+        the batches differ from the uninterrupted run, as they must.
+        """
+        for key in ("seed", "num_rows"):
+            if key not in state or state[key] != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state.get(key)!r}, this sampler has "
+                                 f"{getattr(self, key)!r}")
+        self._last_epoch = int(state.get("last_epoch", -1))

@@ -1,0 +1,92 @@
+"""ELCRec: SASRec + instance contrast + end-to-end learnable intent clustering (METHOD.md 2.5).
+
+Loss = rec + cf_weight * instance NT-Xent over the two augmented views (flattened L*D encoder
+outputs, dot products, temperature 1) + intent_cf_weight * NT-Xent between each view's pooled
+output and its assigned intent centre (same-intent rows removed from the negatives)
++ trade_off * cluster term on the L2-normalised centres.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoder import masked_mean
+from .losses import cluster_loss, nt_xent
+from .sasrec import SASRec
+
+log = logging.getLogger(__name__)
+
+
+class ELCRec(SASRec):
+    needs_views = True
+
+    def __init__(self, cfg, num_items: int, max_len: int):
+        super().__init__(cfg, num_items, max_len)
+        self.cf_weight = cfg.cf_weight
+        self.intent_cf_weight = cfg.intent_cf_weight
+        self.trade_off = cfg.trade_off
+        self.temperature = cfg.cl_temperature
+        self.intent_centers = nn.Parameter(torch.randn(cfg.num_intent_clusters, cfg.hidden_size) * 0.02)
+
+    def elcrec_terms(self, hidden: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """The ELCRec losses for a batch whose main sequence encodes to `hidden`.
+
+        Kept separate from forward so that models built on this backbone (ADARec) reuse it.
+        """
+        centers = F.normalize(self.intent_centers.float(), dim=-1)
+        pooled = F.normalize(masked_mean(hidden, batch["input_ids"]).float(), dim=-1)
+        terms = {"cluster": cluster_loss(pooled, centers)}
+        # Intent of each user: its nearest centre (a hard, non-differentiable assignment).
+        intent = (pooled.detach() @ centers.detach().t()).argmax(1)
+
+        views = torch.cat([batch["view1"], batch["view2"]])
+        view_out = self.encoder(views)
+        n = batch["view1"].shape[0]
+        flat = view_out.flatten(1)
+        terms["instance_cl"] = nt_xent(flat[:n], flat[n:], self.temperature)
+        view_pooled = masked_mean(view_out, views)
+        own_center = centers[intent]
+        terms["intent_cl"] = 0.5 * (
+            nt_xent(own_center, view_pooled[:n], self.temperature, groups=intent)
+            + nt_xent(own_center, view_pooled[n:], self.temperature, groups=intent)
+        )
+        return terms
+
+    def weighted_elcrec(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (self.cf_weight * terms["instance_cl"] + self.intent_cf_weight * terms["intent_cl"]
+                + self.trade_off * terms["cluster"])
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden = self.encoder(batch["input_ids"])
+        terms = {"rec": self.rec_loss(hidden, batch)}
+        terms.update(self.elcrec_terms(hidden, batch))
+        loss = terms["rec"] + self.weighted_elcrec(terms)
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+    @torch.no_grad()
+    def prepare(self, split, device, seed: int, batch_size: int = 1024) -> None:
+        """Initialise the intent centres by spherical k-means (faiss) on the untrained model's
+        pooled outputs of the training inputs."""
+        import faiss
+
+        was_training = self.training
+        self.eval()
+        pooled = []
+        for start in range(0, split.train_input.shape[0], batch_size):
+            ids = split.train_input[start:start + batch_size].to(device)
+            pooled.append(F.normalize(masked_mean(self.encoder(ids), ids).float(), dim=-1).cpu())
+        x = np.ascontiguousarray(torch.cat(pooled).numpy(), dtype=np.float32)
+        k = self.intent_centers.shape[0]
+        if x.shape[0] < k:
+            raise ValueError(f"{x.shape[0]} training sequences cannot seed {k} intent clusters; "
+                             "lower model.num_intent_clusters")
+        kmeans = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False)
+        kmeans.train(x)
+        self.intent_centers.data.copy_(torch.from_numpy(kmeans.centroids))
+        log.info("intent centres initialised by k-means: %d clusters on %d sequences", k, x.shape[0])
+        self.train(was_training)

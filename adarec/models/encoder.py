@@ -1,0 +1,110 @@
+"""The SASRec backbone as the ICLRec/ELCRec code builds it (METHOD.md section 1).
+
+Item + learned position embedding -> LayerNorm(eps 1e-12) -> dropout gives the sequence
+embedding E^0; post-LN Transformer blocks (2 heads, FFN 4D, exact GELU) encode it. Sequences
+are left-padded, so the newest item sits at position L-1 and the causal mask never lets a real
+position look at a later one. Attention runs through scaled_dot_product_attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYER_NORM_EPS = 1e-12
+
+
+def attention_mask(input_ids: torch.Tensor) -> torch.Tensor:
+    """Bool [B, 1, L, L]: True where query i may attend key j (j <= i and key j is an item).
+
+    Every position may also attend itself: a padding query would otherwise see no key and SDPA
+    would return NaN for it. Real queries never see padding, so this only keeps pad rows finite.
+    """
+    length = input_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+    key_is_item = (input_ids > 0)[:, None, None, :]
+    diagonal = torch.eye(length, dtype=torch.bool, device=input_ids.device)
+    return (causal & key_is_item) | diagonal
+
+
+class TransformerBlock(nn.Module):
+    """Post-LN block: x = LN(x + Drop(Attn(x))); x = LN(x + Drop(FFN(x)))."""
+
+    def __init__(self, hidden: int, heads: int, hidden_dropout: float, attn_dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.attn_dropout = attn_dropout
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.attn_out = nn.Linear(hidden, hidden)
+        self.attn_norm = nn.LayerNorm(hidden, eps=LAYER_NORM_EPS)
+        self.ffn_in = nn.Linear(hidden, 4 * hidden)
+        self.ffn_out = nn.Linear(4 * hidden, hidden)
+        self.ffn_norm = nn.LayerNorm(hidden, eps=LAYER_NORM_EPS)
+        self.dropout = nn.Dropout(hidden_dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        drop = self.attn_dropout if self.training else 0.0
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        ctx = ctx.transpose(1, 2).reshape(batch, length, hidden)
+        x = self.attn_norm(x + self.dropout(self.attn_out(ctx)))
+        ffn = self.ffn_out(F.gelu(self.ffn_in(x)))
+        return self.ffn_norm(x + self.dropout(ffn))
+
+
+class SequenceEncoder(nn.Module):
+    """Embeddings (rows: 0 padding, 1..N items, N+1 mask id) and the Transformer stack."""
+
+    def __init__(self, num_items: int, max_len: int, hidden: int, layers: int, heads: int,
+                 hidden_dropout: float, attn_dropout: float, initializer_range: float = 0.02):
+        super().__init__()
+        self.num_items = num_items
+        self.max_len = max_len
+        self.item_embeddings = nn.Embedding(num_items + 2, hidden, padding_idx=0)
+        self.position_embeddings = nn.Embedding(max_len, hidden)
+        self.embed_norm = nn.LayerNorm(hidden, eps=LAYER_NORM_EPS)
+        self.embed_dropout = nn.Dropout(hidden_dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(hidden, heads, hidden_dropout, attn_dropout) for _ in range(layers)
+        )
+        self.initializer_range = initializer_range
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # As the reference code: N(0, 0.02) for Linear and Embedding (the padding row too),
+        # zero biases, LayerNorm (1, 0).
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, self.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+        if isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The sequence embedding E^0 [B, L, D]."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.item_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        return self.embed_dropout(self.embed_norm(x))
+
+    def encode(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the Transformer stack on an embedded sequence; input_ids give the masks."""
+        mask = attention_mask(input_ids)
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.embed(input_ids), input_ids)
+
+    def item_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores of every embedding row (tied output layer): [..., N+2]."""
+        return hidden @ self.item_embeddings.weight.t()
+
+
+def masked_mean(x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions that hold an item; [B, L, D] -> [B, D]."""
+    valid = (input_ids > 0).unsqueeze(-1).to(x.dtype)
+    return (x * valid).sum(1) / valid.sum(1).clamp_min(1.0)

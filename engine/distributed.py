@@ -1,0 +1,63 @@
+"""Process-group setup for single-process runs and the DeepSpeed launcher alike."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(requested: str) -> torch.device:
+    """auto = CUDA when present, else CPU; an explicit cuda without a GPU is an error."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        from adarec.errors import ConfigError
+
+        raise ConfigError("train.device=cuda but no CUDA device is available (use auto or cpu)")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup_distributed(requested_device: str) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed.
+
+    Under `deepspeed --num_gpus N` the launcher sets RANK/WORLD_SIZE/MASTER_*; a plain
+    `adarec train` gets a one-process group on a free local port so the same engine code runs.
+    """
+    import deepspeed
+
+    device = pick_device(requested_device)
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   verbose=False)
+    return DistInfo(
+        rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        device=device,
+    )

@@ -1,0 +1,42 @@
+"""Full-ranking evaluation of a split, batch by batch on the model's device.
+
+Only one batch of scores exists at a time; per-user metric sums are accumulated on device and
+summed across ranks, so the result is an average over users, not over batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adarec.metrics import mask_scores, metric_sums, target_ranks
+
+
+@torch.no_grad()
+def evaluate_split(model, split, which: str, ks, protocol: str = "full", batch_size: int = 1024,
+                   rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    if which not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {which!r}")
+    inputs = getattr(split, f"{which}_input")
+    targets = getattr(split, f"{which}_target")
+    history = getattr(split, f"{which}_history")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    users = torch.arange(rank, inputs.shape[0], world_size, device=inputs.device)
+    sums = metric_sums(torch.empty(0, device=device), ks)
+    for start in range(0, users.numel(), batch_size):
+        idx = users[start:start + batch_size]
+        scores = model.score(inputs[idx].to(device))
+        masked = mask_scores(scores, history[idx].to(device), never_rank=model.never_rank, protocol=protocol)
+        batch_sums = metric_sums(target_ranks(masked, targets[idx].to(device), max(ks)), ks)
+        sums = {k: sums[k] + v for k, v in batch_sums.items()}
+    model.train(was_training)
+    names = list(sums)
+    count = torch.tensor(float(users.numel()), dtype=torch.float64, device=device)
+    totals = torch.stack([sums[k] for k in names] + [count])
+
+    if world_size > 1:
+        torch.distributed.all_reduce(totals)
+    totals = totals.cpu()
+    users_total = max(float(totals[-1]), 1.0)
+    return {name: float(totals[i]) / users_total for i, name in enumerate(names)}

@@ -1,0 +1,96 @@
+"""rank_metrics against a brute-force per-user computation."""
+
+import math
+
+import pytest
+import torch
+
+from adarec.metrics import metric_names, rank_metrics, target_ranks
+
+
+def brute_force(scores, targets, exclude_lists, ks, never_rank=(0,), protocol="full"):
+    """Loop over users and candidates; pessimistic ties; independent of the implementation."""
+    sums = dict.fromkeys(metric_names(ks), 0.0)
+    n_users, n_cols = scores.shape
+    for u in range(n_users):
+        s = [float(v) for v in scores[u]]
+        hist = {int(i) for i in exclude_lists[u] if int(i) > 0}
+        cand = []
+        for c in range(n_cols):
+            if protocol == "full" and (c in never_rank or c in hist):
+                continue
+            cand.append((c, 0.0 if (protocol == "compat" and c in hist) else s[c]))
+        t = int(targets[u])
+        score_of = dict(cand)
+        if t not in score_of:
+            continue  # excluded target: a miss for every K
+        rank = sum(1 for c, v in cand if c != t and v >= score_of[t])
+        for k in ks:
+            if rank < k:
+                sums[f"HR@{k}"] += 1
+                sums[f"NDCG@{k}"] += 1 / math.log2(rank + 2)
+    return {k: v / n_users for k, v in sums.items()}
+
+
+def padded(lists):
+    width = max(1, max(len(x) for x in lists))
+    return torch.tensor([list(x) + [0] * (width - len(x)) for x in lists], dtype=torch.long)
+
+
+@pytest.mark.parametrize("protocol", ["full", "compat"])
+def test_matches_brute_force_with_ties_and_exclusions(protocol):
+    gen = torch.Generator().manual_seed(0)
+    n_users, n_cols = 37, 30
+    # Integer-valued scores make ties frequent.
+    scores = torch.randint(-3, 4, (n_users, n_cols), generator=gen).float()
+    targets = torch.randint(1, n_cols - 1, (n_users,), generator=gen)
+    exclude = [torch.randperm(n_cols - 2, generator=gen)[: u % 6].add(1).tolist() for u in range(n_users)]
+    # Some users have their target in the history (must be a miss under "full").
+    exclude[3].append(int(targets[3]))
+    ks = (1, 5, 10, 40)  # 40 > number of candidates: every non-excluded target is a hit
+    never = (0, n_cols - 1)
+    got = rank_metrics(scores, targets, padded(exclude), ks, never_rank=never, protocol=protocol)
+    want = brute_force(scores, targets, exclude, ks, never_rank=never, protocol=protocol)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] == pytest.approx(want[name], abs=1e-12), name
+
+
+def test_bool_mask_equals_index_list():
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randn(8, 20, generator=gen)
+    targets = torch.randint(1, 20, (8,), generator=gen)
+    idx = torch.randint(1, 20, (8, 4), generator=gen)
+    mask = torch.zeros(8, 20, dtype=torch.bool).scatter_(1, idx, True)
+    assert rank_metrics(scores, targets, idx) == rank_metrics(scores, targets, mask)
+
+
+def test_known_ranks_and_gains():
+    scores = torch.tensor([[0.0, 5.0, 4.0, 3.0, 2.0, 1.0]] * 3)
+    targets = torch.tensor([1, 3, 5])  # ranks 0, 2, 4 among columns 1..5
+    ranks = target_ranks(scores.clone().index_fill_(1, torch.tensor([0]), float("-inf")), targets, 20)
+    assert ranks.tolist() == [0, 2, 4]
+    m = rank_metrics(scores, targets, ks=(1, 3))
+    assert m["HR@1"] == pytest.approx(1 / 3)
+    assert m["HR@3"] == pytest.approx(2 / 3)
+    assert m["NDCG@3"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
+
+
+def test_all_equal_scores_earn_nothing():
+    scores = torch.zeros(4, 50)
+    targets = torch.tensor([1, 2, 3, 4])
+    m = rank_metrics(scores, targets, ks=(5, 20))
+    assert all(v == 0 for v in m.values())
+
+
+def test_padding_column_never_ranked_under_full():
+    scores = torch.tensor([[9.0, 1.0, 0.5]])
+    assert rank_metrics(scores, torch.tensor([1]), ks=(1,))["HR@1"] == 1.0
+    assert rank_metrics(scores, torch.tensor([1]), ks=(1,), protocol="compat")["HR@1"] == 0.0
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError):
+        rank_metrics(torch.zeros(3, 5), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError):
+        rank_metrics(torch.zeros(3, 5), torch.zeros(3, dtype=torch.long), ks=())

@@ -1,0 +1,167 @@
+"""SASRec / ELCRec building blocks against hand-written references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adarec.config import ModelConfig
+from adarec.models import ELCRec, SASRec, build_model
+from adarec.models.encoder import attention_mask, masked_mean
+from adarec.models.losses import cluster_loss, nt_xent
+
+
+def small_cfg(**kw):
+    base = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "hidden_dropout": 0.0, "attn_dropout": 0.0,
+                "num_intent_clusters": 4}
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def batch_for(num_items=30, b=5, length=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, num_items + 1, (b, length), generator=g)
+    lengths = torch.tensor([length, 1, 3, 5, 2][:b])
+    cols = torch.arange(length)
+    ids = torch.where(cols[None] >= length - lengths[:, None], ids, 0)
+    target = torch.where(ids > 0, torch.randint(1, num_items + 1, (b, length), generator=g), 0)
+    neg = torch.where(ids > 0, torch.randint(1, num_items + 1, (b, length), generator=g), 0)
+    return {"input_ids": ids, "target_pos": target, "target_neg": neg, "user": torch.arange(b),
+            "view1": ids.roll(1, 0), "view2": ids.roll(2, 0)}
+
+
+def test_attention_mask_is_causal_and_ignores_padding():
+    ids = torch.tensor([[0, 0, 3, 4]])
+    m = attention_mask(ids)[0, 0]
+    assert m[3].tolist() == [False, False, True, True]
+    assert m[2].tolist() == [False, False, True, False]
+    assert m[0].tolist() == [True, False, False, False]  # pad rows see only themselves
+
+
+def test_real_positions_do_not_depend_on_padding_content():
+    torch.manual_seed(0)
+    model = SASRec(small_cfg(), num_items=30, max_len=8).eval()
+    batch = batch_for()
+    out = model.encoder(batch["input_ids"])
+    # Changing the embedding of the padding row must not change any real position's output.
+    with torch.no_grad():
+        model.encoder.item_embeddings.weight[0].add_(5.0)
+    out2 = model.encoder(batch["input_ids"])
+    real = batch["input_ids"] > 0
+    torch.testing.assert_close(out[real], out2[real])
+    # And a later item never influences an earlier position (causality).
+    ids = batch["input_ids"].clone()
+    ids[0, -1] = (ids[0, -1] % 30) + 1
+    out3 = model.encoder(ids)
+    torch.testing.assert_close(out[0, :-1], out3[0, :-1])
+
+
+def test_bce_loss_matches_reference_formula():
+    torch.manual_seed(0)
+    model = SASRec(small_cfg(rec_loss="bce"), num_items=30, max_len=8).eval()
+    batch = batch_for()
+    loss, _ = model(batch)
+    h = model.encoder(batch["input_ids"])
+    emb = model.encoder.item_embeddings
+    pos = torch.sigmoid((h * emb(batch["target_pos"])).sum(-1))
+    neg = torch.sigmoid((h * emb(batch["target_neg"])).sum(-1))
+    is_t = (batch["target_pos"] > 0).float()
+    want = ((-torch.log(pos) - torch.log(1 - neg)) * is_t).sum() / is_t.sum()
+    torch.testing.assert_close(loss, want)
+
+
+def test_ce_loss_scores_items_only():
+    torch.manual_seed(0)
+    model = SASRec(small_cfg(rec_loss="ce"), num_items=30, max_len=8).eval()
+    batch = batch_for()
+    loss, _ = model(batch)
+    h = model.encoder(batch["input_ids"])
+    logits = h @ model.encoder.item_embeddings.weight[1:31].t()
+    valid = batch["target_pos"] > 0
+    want = F.cross_entropy(logits[valid], batch["target_pos"][valid] - 1)
+    torch.testing.assert_close(loss, want)
+
+
+def test_score_is_last_position_against_every_row():
+    model = SASRec(small_cfg(), num_items=30, max_len=8).eval()
+    ids = batch_for()["input_ids"]
+    scores = model.score(ids)
+    assert scores.shape == (5, 32)
+    torch.testing.assert_close(scores, model.encoder(ids)[:, -1] @ model.encoder.item_embeddings.weight.t())
+    assert model.never_rank == (0, 31)
+
+
+def reference_nt_xent(a, b, t, groups=None):
+    """Per-row loop version of ICLRec's NCELoss."""
+    n = a.shape[0]
+    reps = torch.cat([a, b])
+    total = 0.0
+    for i in range(2 * n):
+        partner = i + n if i < n else i - n
+        logits, target = [], None
+        for j in range(2 * n):
+            if j == i:
+                continue
+            same_group = groups is not None and groups[i % n] == groups[j % n]
+            if j != partner and (j % n == i % n or same_group):
+                continue
+            if j == partner:
+                target = len(logits)
+            logits.append(float(reps[i] @ reps[j]) / t)
+        m = max(logits)
+        total += -(logits[target] - m - math.log(sum(math.exp(x - m) for x in logits)))
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("groups", [None, torch.tensor([0, 1, 0, 2, 1, 3])])
+def test_nt_xent_matches_loop(groups):
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    assert float(nt_xent(a, b, 0.5, groups)) == pytest.approx(reference_nt_xent(a, b, 0.5, groups), rel=1e-5)
+
+
+def test_cluster_loss_matches_pairwise_distances():
+    g = torch.Generator().manual_seed(4)
+    x = F.normalize(torch.randn(7, 5, generator=g), dim=-1)
+    c = F.normalize(torch.randn(4, 5, generator=g), dim=-1)
+    d_xc = torch.cdist(x, c).pow(2).mean()
+    d_cc = torch.cdist(c, c).pow(2)
+    want = d_xc - d_cc.sum() / (4 * 3)
+    torch.testing.assert_close(cluster_loss(x, c), want, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_mean_ignores_padding():
+    x = torch.arange(12.0).view(1, 4, 3)
+    ids = torch.tensor([[0, 0, 5, 6]])
+    torch.testing.assert_close(masked_mean(x, ids), x[0, 2:].mean(0, keepdim=True))
+
+
+def test_elcrec_loss_terms_and_gradients_reach_centres():
+    torch.manual_seed(0)
+    model = build_model(small_cfg(name="elcrec"), num_items=30, max_len=8)
+    assert isinstance(model, ELCRec) and model.needs_views
+    loss, terms = model(batch_for())
+    assert set(terms) == {"rec", "cluster", "instance_cl", "intent_cl"}
+    want = terms["rec"] + 0.1 * terms["instance_cl"] + 0.1 * terms["intent_cl"] + 1.0 * terms["cluster"]
+    torch.testing.assert_close(loss.detach(), want)
+    loss.backward()
+    assert model.intent_centers.grad is not None and model.intent_centers.grad.abs().sum() > 0
+
+
+def test_elcrec_kmeans_init_uses_faiss_on_training_inputs():
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = build_model(small_cfg(name="elcrec"), num_items=30, max_len=8)
+    split = SimpleNamespace(train_input=torch.cat([batch_for(seed=s)["input_ids"] for s in range(4)]))
+    before = model.intent_centers.detach().clone()
+    model.prepare(split, torch.device("cpu"), seed=0)
+    after = model.intent_centers.detach()
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after.norm(dim=1), torch.ones(4), atol=1e-4, rtol=0)
+
+
+def test_unknown_rec_loss_rejected():
+    with pytest.raises(ValueError):
+        SASRec(small_cfg(rec_loss="mse"), num_items=10, max_len=4)
