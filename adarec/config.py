@@ -112,11 +112,14 @@ class TrainConfig:
     precision: str = "auto"
     """auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage, 0 to 3."""
+    """DeepSpeed ZeRO stage, 0 to 2 (optimizer state and gradient partitioning)."""
     num_threads: int | None = None
     """torch CPU threads (torch.set_num_threads); null leaves torch's default."""
     log_every: int = 20
     """Training steps between progress-bar loss updates."""
+    ds_config: str | None = None
+    """Optional DeepSpeed JSON (e.g. configs/deepspeed/zero2_offload.json) merged over the config the
+    engine builds, for settings the run config does not cover (ZeRO offload, comms, ...)."""
 
 
 @dataclass
@@ -392,7 +395,8 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
     need(0 <= t.seed < 2**32, "train.seed", "must be in [0, 2**32)")
     choice("train.device", ("auto", "cpu", "cuda"))
     choice("train.precision", ("auto", "fp32", "bf16"))
-    need(0 <= t.zero_stage <= 3, "train.zero_stage", "must be 0, 1, 2 or 3")
+    need(0 <= t.zero_stage <= 2, "train.zero_stage",
+         "must be 0, 1 or 2 (ZeRO-3 partitions parameters, which models of this size never need)")
     need(t.num_threads is None or t.num_threads >= 1, "train.num_threads", "must be >= 1 or null")
 
     need(len(e.ks) > 0 and all(k >= 1 for k in e.ks), "eval.ks",

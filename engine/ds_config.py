@@ -1,6 +1,13 @@
-"""The DeepSpeed config, built from the run config (and written into the run directory)."""
+"""The DeepSpeed config, built from the run config (and written into the run directory).
+
+Batch sizes, precision, clipping and the ZeRO stage come from the run config; an optional JSON
+(train.ds_config) is merged over the result for anything else DeepSpeed offers.
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -14,12 +21,32 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_json(path: str) -> dict:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"train.ds_config: no such file {p}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{p}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a DeepSpeed config must be a JSON object")
+    return data
+
+
 def build_ds_config(train_cfg, world_size: int, device: torch.device) -> dict:
     if train_cfg.batch_size % world_size:
         raise ConfigError(f"train.batch_size={train_cfg.batch_size} is not divisible by the "
                           f"{world_size} ranks of this launch")
     precision = resolve_precision(train_cfg.precision, device)
-    return {
+    config = {
         "train_batch_size": train_cfg.batch_size,
         "train_micro_batch_size_per_gpu": train_cfg.batch_size // world_size,
         "gradient_accumulation_steps": 1,
@@ -31,3 +58,6 @@ def build_ds_config(train_cfg, world_size: int, device: torch.device) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if train_cfg.ds_config:
+        config = _deep_merge(config, _read_json(train_cfg.ds_config))
+    return config

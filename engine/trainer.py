@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from adarec.models import build_model
 from .checkpoint import atomic_torch_save, atomic_write_json, latest_tag, prune_checkpoints, rng_state, set_rng_state
 from .curves import plot_curves
 from .data_setup import load_split
-from .distributed import DistInfo, setup_distributed
+from .distributed import DistInfo, pick_device, setup_distributed
 from .ds_config import build_ds_config
 from .evaluator import evaluate_split
 from .run_log import RunLog, setup_logging
@@ -59,13 +60,13 @@ def _mean_terms(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path, dist: DistInfo, resume: bool):
+    def __init__(self, cfg: RunConfig, run_dir: Path, dist: DistInfo, split, resume: bool):
         import deepspeed
 
         self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist
         self.device = dist.device
         seed_everything(cfg.train.seed)
-        self.split = load_split(cfg, self.device)
+        self.split = split
         model = build_model(cfg.model, self.split.num_items, self.split.max_len).to(self.device)
         self.model = model
         self.ds_config = build_ds_config(cfg.train, dist.world_size, self.device)
@@ -216,14 +217,15 @@ class Trainer:
 def run_training(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, float]:
     """Train (or resume) a run in run_dir and return its test metrics."""
     run_dir = Path(run_dir)
-    dist = setup_distributed(cfg.train.device)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    torch.distributed.barrier()
-    setup_logging(run_dir, dist.is_main)
+    is_main = os.environ.get("RANK", "0") == "0"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir, is_main)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    trainer = Trainer(cfg, run_dir, dist, resume)
+    # Data first: a bad file should fail in a second, before DeepSpeed starts a process group.
+    split = load_split(cfg, pick_device(cfg.train.device))
+    dist = setup_distributed(cfg.train.device)
+    trainer = Trainer(cfg, run_dir, dist, split, resume)
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
         atomic_write_json(run_dir / "ds_config.json", trainer.ds_config)
