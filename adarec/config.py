@@ -77,6 +77,10 @@ class ModelConfig:
     """ELCRec: number K of learnable intent centers (256 Beauty/Yelp, 512 Sports/Toys)."""
     trade_off: float = 1.0
     """ELCRec: weight of the cluster term (sample-center minus center-center distance)."""
+    prototype: str = "none"
+    """ELCRec: how intent centres enter the instance contrast: none, shift (add each position's
+    nearest centre to its output; the reference setting for Beauty) or concat (append it; Sports,
+    Toys, Yelp)."""
     cl_temperature: float = 1.0
     """ELCRec: temperature of the NT-Xent contrastive losses."""
     crop_ratio: float = 0.2
@@ -378,6 +382,7 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
         need(0.0 <= getattr(m, key) < 1.0, f"model.{key}", "must be in [0, 1)")
     need(m.initializer_range > 0, "model.initializer_range", "must be > 0")
     choice("model.rec_loss", ("bce", "ce"))
+    choice("model.prototype", ("none", "shift", "concat"))
     for key in ("cf_weight", "intent_cf_weight", "trade_off"):
         need(getattr(m, key) >= 0, f"model.{key}", "must be >= 0")
     need(m.cl_temperature > 0, "model.cl_temperature", "must be > 0")

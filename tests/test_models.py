@@ -126,8 +126,8 @@ def test_cluster_loss_matches_pairwise_distances():
     x = F.normalize(torch.randn(7, 5, generator=g), dim=-1)
     c = F.normalize(torch.randn(4, 5, generator=g), dim=-1)
     d_xc = torch.cdist(x, c).pow(2).mean()
-    d_cc = torch.cdist(c, c).pow(2)
-    want = d_xc - d_cc.sum() / (4 * 3)
+    d_cc = torch.cdist(c, c).pow(2).mean()
+    want = d_xc - d_cc
     torch.testing.assert_close(cluster_loss(x, c), want, atol=1e-5, rtol=1e-5)
 
 
@@ -165,3 +165,18 @@ def test_elcrec_kmeans_init_uses_faiss_on_training_inputs():
 def test_unknown_rec_loss_rejected():
     with pytest.raises(ValueError):
         SASRec(small_cfg(rec_loss="mse"), num_items=10, max_len=4)
+
+
+@pytest.mark.parametrize("prototype", ["shift", "concat"])
+def test_prototype_adds_or_appends_nearest_centre(prototype):
+    torch.manual_seed(0)
+    model = build_model(small_cfg(name="elcrec", prototype=prototype), num_items=30, max_len=8)
+    out = torch.randn(3, 8, 16)
+    centers = F.normalize(torch.randn(4, 16), dim=-1)
+    got = model.with_prototypes(out, centers)
+    nearest = centers[torch.cdist(out.reshape(-1, 16), centers).argmin(-1)].view(3, 8, 16)
+    want = out + nearest if prototype == "shift" else torch.cat([out, nearest], -1)
+    torch.testing.assert_close(got, want)
+    loss, _ = model(batch_for())
+    loss.backward()
+    assert torch.isfinite(loss)

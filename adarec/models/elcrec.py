@@ -31,6 +31,7 @@ class ELCRec(SASRec):
         self.intent_cf_weight = cfg.intent_cf_weight
         self.trade_off = cfg.trade_off
         self.temperature = cfg.cl_temperature
+        self.prototype = cfg.prototype
         self.intent_centers = nn.Parameter(torch.randn(cfg.num_intent_clusters, cfg.hidden_size) * 0.02)
 
     def elcrec_terms(self, hidden: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
@@ -47,7 +48,7 @@ class ELCRec(SASRec):
         views = torch.cat([batch["view1"], batch["view2"]])
         view_out = self.encoder(views)
         n = batch["view1"].shape[0]
-        flat = view_out.flatten(1)
+        flat = self.with_prototypes(view_out, centers).flatten(1)
         terms["instance_cl"] = nt_xent(flat[:n], flat[n:], self.temperature)
         view_pooled = masked_mean(view_out, views)
         own_center = centers[intent]
@@ -56,6 +57,14 @@ class ELCRec(SASRec):
             + nt_xent(own_center, view_pooled[n:], self.temperature, groups=intent)
         )
         return terms
+
+    def with_prototypes(self, out: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+        """Intent-assisted instance contrast: add (shift) or append (concat) each position's
+        nearest centre to the view outputs before they are flattened."""
+        if self.prototype == "none":
+            return out
+        nearest = centers[(out.detach().float() @ centers.detach().t()).argmax(-1)].to(out.dtype)
+        return out + nearest if self.prototype == "shift" else torch.cat([out, nearest], dim=-1)
 
     def weighted_elcrec(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return (self.cf_weight * terms["instance_cl"] + self.intent_cf_weight * terms["intent_cl"]

@@ -57,7 +57,8 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 1.0,
 
 def cluster_loss(samples: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """ELCRec's cluster term on unit vectors: mean sample-centre squared distance minus mean
-    centre-centre squared distance (i != j).
+    centre-centre squared distance, both over all pairs (the reference code's K x K mean keeps
+    the zero diagonal).
 
     For unit vectors ||x - y||^2 = 2 - 2 x.y, so both means reduce to dot products with the sum
     of the centres: O((B + K) D) instead of building the B x K and K x K distance matrices.
@@ -65,5 +66,5 @@ def cluster_loss(samples: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     k = centers.shape[0]
     center_sum = centers.sum(0)
     sample_center = 2.0 - 2.0 * (samples @ center_sum) / k
-    center_center = (2.0 * k * k - 2.0 * center_sum.pow(2).sum()) / (k * (k - 1))
+    center_center = 2.0 - 2.0 * center_sum.pow(2).sum() / (k * k)
     return sample_center.mean() - center_center
