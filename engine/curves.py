@@ -17,8 +17,12 @@ def plot_curves(run_dir: Path, out_name: str = "curves.png") -> Path:
     evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "valid"]
     epochs = read_jsonl(run_dir / "epochs.jsonl")
     fig, (ax_rank, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in [k for k in (evals[0] if evals else {}) if k.startswith(("HR@", "NDCG@"))]:
-        ax_rank.plot([r["epoch"] for r in evals], [r[key] for r in evals], label=key,
+    keys = [k for k in (evals[0] if evals else {}) if k.startswith(("HR@", "NDCG@"))]
+    cutoffs = sorted({int(k.split("@")[1]) for k in keys})
+    for key in keys:
+        # One colour per K: HR dashed, NDCG solid, so the pairs read together.
+        color = f"C{cutoffs.index(int(key.split('@')[1]))}"
+        ax_rank.plot([r["epoch"] for r in evals], [r[key] for r in evals], label=key, color=color,
                      linestyle="-" if key.startswith("NDCG") else "--")
     ax_rank.set(title="validation", xlabel="epoch", ylabel="metric")
     if evals:

@@ -51,7 +51,7 @@ class ELCRec(SASRec):
         flat = self.with_prototypes(view_out, centers).flatten(1)
         terms["instance_cl"] = nt_xent(flat[:n], flat[n:], self.temperature)
         view_pooled = masked_mean(view_out, views)
-        own_center = centers[intent]
+        own_center = F.embedding(intent, centers)
         terms["intent_cl"] = 0.5 * (
             nt_xent(own_center, view_pooled[:n], self.temperature, groups=intent)
             + nt_xent(own_center, view_pooled[n:], self.temperature, groups=intent)
@@ -63,7 +63,9 @@ class ELCRec(SASRec):
         nearest centre to the view outputs before they are flattened."""
         if self.prototype == "none":
             return out
-        nearest = centers[(out.detach().float() @ centers.detach().t()).argmax(-1)].to(out.dtype)
+        # F.embedding rather than centers[idx]: its CPU backward is deterministic, indexing's
+        # accumulates with parallel atomics and breaks bit-exact resume.
+        nearest = F.embedding((out.detach().float() @ centers.detach().t()).argmax(-1), centers).to(out.dtype)
         return out + nearest if self.prototype == "shift" else torch.cat([out, nearest], dim=-1)
 
     def weighted_elcrec(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
