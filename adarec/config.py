@@ -29,7 +29,7 @@ import yaml
 
 from .errors import ConfigError, DataError
 
-MODEL_NAMES: tuple[str, ...] = ("sasrec", "elcrec")
+MODEL_NAMES: tuple[str, ...] = ("sasrec", "elcrec", "adarec")
 """Valid values of model.name; the model registry extends this tuple when it adds models."""
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "sasrec"
-    """Model to train: sasrec or elcrec."""
+    """Model to train: sasrec, elcrec or adarec (the paper model)."""
     hidden_size: int = 64
     """Embedding and Transformer hidden size D; must be divisible by num_heads."""
     num_layers: int = 2
@@ -83,6 +83,22 @@ class ModelConfig:
     Toys, Yelp)."""
     cl_temperature: float = 1.0
     """ELCRec: temperature of the NT-Xent contrastive losses."""
+    max_depth: int = 8
+    """ADARec: maximum augmentation depth T_max (paper grid 4, 6, 8, 10, 12); depths 0..T_max."""
+    diffusion_steps: int = 50
+    """ADARec: length of the linear beta schedule (1e-4 to 0.02) the levels are taken from."""
+    gumbel_tau: float = 0.5
+    """ADARec: Gumbel-softmax temperature of the depth controller."""
+    denoiser_mult: int = 4
+    """ADARec: hidden width of the MLP denoiser as a multiple of hidden_size."""
+    lambda_deno: float = 0.1
+    """ADARec: weight of the denoising loss L_deno (paper grid 0.01-0.15, best 0.1)."""
+    lambda_cont: float = 0.1
+    """ADARec: weight of the coarse-expert contrastive loss L_cont (paper grid 0.01-0.15)."""
+    lambda_expl: float = 0.01
+    """ADARec: weight of the exploration loss L_expl = -entropy (paper grid 0.001-0.1, best 0.01)."""
+    cont_temperature: float = 0.07
+    """ADARec: temperature of L_cont (cosine similarity InfoNCE)."""
     crop_ratio: float = 0.2
     """ELCRec augmentation: fraction of the sequence kept by Crop, in (0, 1]."""
     mask_ratio: float = 0.7
@@ -386,6 +402,14 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
     for key in ("cf_weight", "intent_cf_weight", "trade_off"):
         need(getattr(m, key) >= 0, f"model.{key}", "must be >= 0")
     need(m.cl_temperature > 0, "model.cl_temperature", "must be > 0")
+    need(0 <= m.max_depth <= m.diffusion_steps, "model.max_depth", "must be in [0, model.diffusion_steps]",
+         also=("model.diffusion_steps",))
+    need(m.diffusion_steps >= 1, "model.diffusion_steps", "must be >= 1")
+    need(m.gumbel_tau > 0, "model.gumbel_tau", "must be > 0")
+    need(m.denoiser_mult >= 1, "model.denoiser_mult", "must be >= 1")
+    for key in ("lambda_deno", "lambda_cont", "lambda_expl"):
+        need(getattr(m, key) >= 0, f"model.{key}", "must be >= 0")
+    need(m.cont_temperature > 0, "model.cont_temperature", "must be > 0")
     need(0.0 < m.crop_ratio <= 1.0, "model.crop_ratio", "must be in (0, 1]")
     for key in ("mask_ratio", "reorder_ratio"):
         need(0.0 <= getattr(m, key) <= 1.0, f"model.{key}", "must be in [0, 1]")

@@ -151,6 +151,10 @@ class Trainer:
         if not all(math.isfinite(v) for v in record.values()):
             raise TrainingDiverged(self._diverged_message(epoch_index + 1, steps))
         record.update(seconds=elapsed, step_ms=1000 * elapsed / max(steps, 1), samples_per_s=samples / elapsed)
+        # Model-specific epoch statistics (ADARec: depth histogram, router weights, pairs computed).
+        pop_stats = getattr(engine.module, "pop_epoch_stats", None)
+        if pop_stats is not None:
+            record.update(pop_stats())
         return record
 
     def _diverged_message(self, epoch: int, step: int) -> str:

@@ -36,7 +36,7 @@ def test_attention_mask_is_causal_and_ignores_padding():
     m = attention_mask(ids)[0, 0]
     assert m[3].tolist() == [False, False, True, True]
     assert m[2].tolist() == [False, False, True, False]
-    assert m[0].tolist() == [True, False, False, False]  # pad rows see only themselves
+    assert m[0].tolist() == [True, True, True, True]  # a row with no allowed key attends uniformly
 
 
 def test_real_positions_do_not_depend_on_padding_content():

@@ -1,9 +1,10 @@
 """Sequential recommenders, built by name from the model config."""
 
+from .adarec import ADARec
 from .elcrec import ELCRec
 from .sasrec import SASRec
 
-MODELS = {"sasrec": SASRec, "elcrec": ELCRec}
+MODELS = {"sasrec": SASRec, "elcrec": ELCRec, "adarec": ADARec}
 
 
 def build_model(cfg, num_items: int, max_len: int):

@@ -15,11 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import masked_mean
 from .losses import cluster_loss, nt_xent
 from .sasrec import SASRec
 
 log = logging.getLogger(__name__)
+
+
+def sequence_mean(hidden: torch.Tensor) -> torch.Tensor:
+    """ELCRec's sequence representation: the mean over all L positions, padding included.
+
+    This is the reference's "mean" representation, and the loss weights (trade_off 10 on
+    Beauty) were tuned with it: most of the cluster term's pull then falls on padding outputs.
+    Pooling only the item positions aims all of it at them and slows learning badly.
+    """
+    return hidden.mean(1)
 
 
 class ELCRec(SASRec):
@@ -40,7 +49,7 @@ class ELCRec(SASRec):
         Kept separate from forward so that models built on this backbone (ADARec) reuse it.
         """
         centers = F.normalize(self.intent_centers.float(), dim=-1)
-        pooled = F.normalize(masked_mean(hidden, batch["input_ids"]).float(), dim=-1)
+        pooled = F.normalize(sequence_mean(hidden).float(), dim=-1)
         terms = {"cluster": cluster_loss(pooled, centers)}
         # Intent of each user: its nearest centre (a hard, non-differentiable assignment).
         intent = (pooled.detach() @ centers.detach().t()).argmax(1)
@@ -50,7 +59,7 @@ class ELCRec(SASRec):
         n = batch["view1"].shape[0]
         flat = self.with_prototypes(view_out, centers).flatten(1)
         terms["instance_cl"] = nt_xent(flat[:n], flat[n:], self.temperature)
-        view_pooled = masked_mean(view_out, views)
+        view_pooled = sequence_mean(view_out)
         own_center = F.embedding(intent, centers)
         terms["intent_cl"] = 0.5 * (
             nt_xent(own_center, view_pooled[:n], self.temperature, groups=intent)
@@ -90,7 +99,7 @@ class ELCRec(SASRec):
         pooled = []
         for start in range(0, split.train_input.shape[0], batch_size):
             ids = split.train_input[start:start + batch_size].to(device)
-            pooled.append(F.normalize(masked_mean(self.encoder(ids), ids).float(), dim=-1).cpu())
+            pooled.append(F.normalize(sequence_mean(self.encoder(ids)).float(), dim=-1).cpu())
         x = np.ascontiguousarray(torch.cat(pooled).numpy(), dtype=np.float32)
         k = self.intent_centers.shape[0]
         if x.shape[0] < k:

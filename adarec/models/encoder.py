@@ -18,14 +18,15 @@ LAYER_NORM_EPS = 1e-12
 def attention_mask(input_ids: torch.Tensor) -> torch.Tensor:
     """Bool [B, 1, L, L]: True where query i may attend key j (j <= i and key j is an item).
 
-    Every position may also attend itself: a padding query would otherwise see no key and SDPA
-    would return NaN for it. Real queries never see padding, so this only keeps pad rows finite.
+    A query with no allowed key (a padding position left of every item) attends to every key
+    uniformly, which is what the reference code's additive -10000 mask produces; it keeps those
+    rows finite (SDPA returns NaN for an all-False row) and makes padding outputs, which the
+    ELCRec representation averages over, match the reference. Real queries never see padding.
     """
     length = input_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
-    key_is_item = (input_ids > 0)[:, None, None, :]
-    diagonal = torch.eye(length, dtype=torch.bool, device=input_ids.device)
-    return (causal & key_is_item) | diagonal
+    allowed = causal & (input_ids > 0)[:, None, None, :]
+    return allowed | ~allowed.any(-1, keepdim=True)
 
 
 class TransformerBlock(nn.Module):

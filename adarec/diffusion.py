@@ -1,0 +1,136 @@
+"""Hierarchical Diffusion Augmentation, reference (eager) implementation (METHOD.md 2.2).
+
+Every user u has a depth T_u; only its levels k = 0..T_u exist, as rows of a packed layout of
+(user, level) pairs sorted by user: pair_user[P], pair_level[P], offsets[B+1], P = sum(T_u + 1).
+For each pair at level k >= 1, E^k = sqrt(abar_k) E^0 + sqrt(1 - abar_k) eps (fresh Gaussian per
+pair, position and channel), a per-position MLP predicts eps, and the one-shot reconstruction
+Ehat^k = (E^k - sqrt(1 - abar_k) eps_hat) / sqrt(abar_k) is the level's view of the user.
+Level 0 is E^0 itself. Padding positions are not part of the trajectory: their rows are zero
+and they do not enter L_deno.
+
+This file is the readable definition and the test oracle of the fused Triton trajectory; the
+signature of `diffusion_trajectory` is the contract both share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def linear_beta_schedule(steps: int = 50, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """DDPM's linear beta schedule, float64 [steps]; beta[i] is the beta of step i + 1."""
+    return torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
+
+
+def level_tables(max_depth: int, steps: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(abar_k) and sqrt(1 - abar_k) for levels k = 0..max_depth (level 0: 1 and 0)."""
+    if not 0 <= max_depth <= steps:
+        raise ValueError(f"max_depth must be in [0, {steps}], got {max_depth}")
+    abar = torch.cumprod(1.0 - linear_beta_schedule(steps), 0)[:max_depth]
+    abar = torch.cat([torch.ones(1, dtype=torch.float64), abar])
+    return abar.sqrt().float(), (1.0 - abar).sqrt().float()
+
+
+@dataclass
+class PackedLevels:
+    """The active (user, level) pairs of a batch, sorted by user then level."""
+
+    pair_user: torch.Tensor   # int64 [P]
+    pair_level: torch.Tensor  # int64 [P]
+    offsets: torch.Tensor     # int64 [B+1]; user u owns rows offsets[u]:offsets[u+1]
+
+    @property
+    def num_pairs(self) -> int:
+        return self.pair_user.numel()
+
+
+def pack_levels(depths: torch.Tensor) -> PackedLevels:
+    """Packed layout for depths T [B]: user u gets levels 0..T_u (levels above are never built)."""
+    counts = depths.long() + 1
+    offsets = F.pad(counts.cumsum(0), (1, 0))
+    pair_user = torch.repeat_interleave(torch.arange(depths.numel(), device=depths.device), counts)
+    pair_level = torch.arange(pair_user.numel(), device=depths.device) - offsets[pair_user]
+    return PackedLevels(pair_user, pair_level, offsets)
+
+
+def sinusoidal_embedding(steps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer-style sinusoidal embedding of diffusion step indices: [n] -> [n, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=steps.device, dtype=torch.float32) / half)
+    angles = steps.float()[:, None] * freqs[None]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return F.pad(emb, (0, dim - 2 * half))
+
+
+class Denoiser(nn.Module):
+    """eps_hat = W2 act(W1 E^k + b1 + temb(k)) + b2, applied at every position.
+
+    temb(k) = Linear(sinusoidal(k)) is computed once per forward as a [T_max + 1, H] table so
+    the fused kernel can read it like any other weight.
+    """
+
+    def __init__(self, hidden: int, width: int, max_depth: int):
+        super().__init__()
+        self.max_depth = max_depth
+        self.fc1 = nn.Linear(hidden, width)
+        self.fc2 = nn.Linear(width, hidden)
+        self.step_proj = nn.Linear(hidden, width)
+        self.register_buffer("step_sinusoid", sinusoidal_embedding(torch.arange(max_depth + 1), hidden),
+                             persistent=False)
+
+    def step_table(self) -> torch.Tensor:
+        return self.step_proj(self.step_sinusoid.to(self.step_proj.weight.dtype))
+
+
+def denoise(e_k: torch.Tensor, level: torch.Tensor, w1, b1, step_table, w2, b2) -> torch.Tensor:
+    """The denoiser MLP on [P, L, D] inputs whose rows sit at the given levels [P]."""
+    hidden = F.linear(e_k, w1, b1) + step_table[level][:, None, :]
+    return F.linear(F.gelu(hidden), w2, b2)
+
+
+def diffusion_trajectory(
+    e0: torch.Tensor,
+    lengths: torch.Tensor,
+    pair_user: torch.Tensor,
+    pair_level: torch.Tensor,
+    sqrt_abar: torch.Tensor,
+    sqrt_one_minus_abar: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    step_table: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reconstructions Ehat [P, L, D] of every active pair and the denoising loss L_deno.
+
+    e0 [B, L, D] left-padded (valid positions are the last lengths[u]); noise [P, L, D] may be
+    given for exact comparisons (default: fresh N(0, 1) from `generator`). Level-0 rows are E^0.
+    L_deno = mean over pairs with level >= 1 and valid positions of ||eps_hat - eps||^2 / D
+    (zero when no pair has level >= 1).
+    """
+    num_pairs = pair_user.numel()
+    length = e0.shape[1]
+    x0 = e0[pair_user]
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    valid = (torch.arange(length, device=e0.device)[None, :] >= (length - lengths[pair_user])[:, None])
+    a = sqrt_abar.to(x0.dtype)[pair_level][:, None, None]
+    s = sqrt_one_minus_abar.to(x0.dtype)[pair_level][:, None, None]
+    e_k = a * x0 + s * noise
+    eps_hat = denoise(e_k, pair_level, w1, b1, step_table, w2, b2)
+    e_hat = (e_k - s * eps_hat) / a
+    noisy = (pair_level > 0)[:, None]
+    e_hat = torch.where(noisy[..., None], e_hat, x0) * valid[..., None].to(x0.dtype)
+    weight = (valid & noisy).to(torch.float32)
+    per_position = (eps_hat.float() - noise.float()).pow(2).mean(-1)
+    loss = (per_position * weight).sum() / weight.sum().clamp_min(1.0)
+    if num_pairs == 0:
+        loss = e0.sum() * 0.0
+    return e_hat, loss

@@ -1,0 +1,152 @@
+"""ADARec as the paper describes it (METHOD.md section 2), reference (eager) path.
+
+E^0 from the ELCRec backbone -> Adaptive Depth Controller (a depth T_u per user) -> packed
+(user, level) pairs for levels 0..T_u only -> Hierarchical Diffusion Augmentation (one-shot
+reconstruction at every active level) -> HP-MoE: the backbone Transformer as fine expert on the
+packed batch, an MLP coarse expert, a content-aware router, the depth-masked gated fusion
+-> h, scored against the item embeddings. Loss: L_rec + lambda_deno L_deno + lambda_cont L_cont
++ lambda_expl L_expl + the ELCRec terms (computed on h).
+
+The trajectory and the fusion are called through `adarec.diffusion.diffusion_trajectory` and
+`adarec.fusion.gated_fusion`, the seams where the fused Triton and C++/CUDA ops plug in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adarec.diffusion import Denoiser, PackedLevels, diffusion_trajectory, level_tables, pack_levels
+from adarec.fusion import gated_fusion
+
+from .controller import DepthController
+from .elcrec import ELCRec
+from .encoder import masked_mean
+
+
+def coarse_contrastive_loss(z: torch.Tensor, packed: PackedLevels, depths: torch.Tensor,
+                            max_depth: int, temperature: float) -> torch.Tensor:
+    """L_cont: InfoNCE with cosine similarity over the coarse outputs z [P, D].
+
+    For user u and each k in [floor(T_u / 2), T_u - 1]: anchor z_{u,k}, positive z_{u,k+1},
+    negatives z_{v,k+1} of the other users whose depth reaches k + 1. Averaged over anchors.
+    All levels are handled at once on a dense [T_max + 1, B, D] grid of the packed rows.
+    """
+    batch = depths.numel()
+    if max_depth == 0:
+        return z.sum() * 0.0
+    unit = F.normalize(z.float(), dim=-1)
+    grid = unit.new_zeros(max_depth + 1, batch, unit.shape[-1])
+    grid = grid.index_put((packed.pair_level, packed.pair_user), unit)
+    active = torch.zeros(max_depth + 1, batch, dtype=torch.bool, device=z.device)
+    active[packed.pair_level, packed.pair_user] = True
+    logits = torch.bmm(grid[:-1], grid[1:].transpose(1, 2)) / temperature      # [T, B(anchor), B(cand)]
+    logits = logits.masked_fill(~active[1:, None, :], float("-inf"))
+    level = torch.arange(max_depth, device=z.device)[:, None]
+    is_anchor = (level >= depths[None] // 2) & (level <= depths[None] - 1)    # [T, B]
+    # Rows that are not anchors may have no candidate at all; give them finite logits and no weight.
+    logits = torch.where(is_anchor[..., None], logits, torch.zeros_like(logits))
+    targets = torch.arange(batch, device=z.device).repeat(max_depth)
+    per_anchor = F.cross_entropy(logits.reshape(-1, batch), targets, reduction="none").view(max_depth, batch)
+    weight = is_anchor.float()
+    return (per_anchor * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+class ADARec(ELCRec):
+    needs_views = True
+
+    def __init__(self, cfg, num_items: int, max_len: int):
+        super().__init__(cfg, num_items, max_len)
+        hidden, depth = cfg.hidden_size, cfg.max_depth
+        self.max_depth = depth
+        self.lambda_deno, self.lambda_cont, self.lambda_expl = cfg.lambda_deno, cfg.lambda_cont, cfg.lambda_expl
+        self.cont_temperature = cfg.cont_temperature
+        self.controller = DepthController(hidden, max_len, depth, cfg.gumbel_tau)
+        self.denoiser = Denoiser(hidden, cfg.denoiser_mult * hidden, depth)
+        sqrt_abar, sqrt_one_minus = level_tables(depth, cfg.diffusion_steps)
+        self.register_buffer("sqrt_abar", sqrt_abar, persistent=False)
+        self.register_buffer("sqrt_one_minus_abar", sqrt_one_minus, persistent=False)
+        self.coarse = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.level_embedding = nn.Embedding(depth + 1, hidden)
+        self.router = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.final_gate = nn.Linear(hidden, hidden)
+        for module in (self.controller, self.denoiser, self.coarse, self.level_embedding, self.router,
+                       self.final_gate):
+            module.apply(self.encoder._init_weights)
+        self._stats: dict[str, torch.Tensor] | None = None
+
+    # -- the forward path shared by training and scoring ---------------------------------------
+    def user_representation(self, input_ids: torch.Tensor) -> dict:
+        e0 = self.encoder.embed(input_ids)
+        decision = self.controller(e0, input_ids)
+        packed = pack_levels(decision.depths)
+        lengths = (input_ids > 0).sum(1)
+        den = self.denoiser
+        # Evaluation is deterministic: the argmax depth and no noise.
+        noise = None if self.training else e0.new_zeros((packed.num_pairs, *e0.shape[1:]))
+        e_hat, l_deno = diffusion_trajectory(
+            e0, lengths, packed.pair_user, packed.pair_level, self.sqrt_abar, self.sqrt_one_minus_abar,
+            den.fc1.weight, den.fc1.bias, den.step_table(), den.fc2.weight, den.fc2.bias, noise=noise,
+        )
+        pair_ids = input_ids[packed.pair_user]
+        fine = self.encoder.encode(e_hat, pair_ids)
+        pooled = masked_mean(e_hat, pair_ids)
+        coarse = self.coarse(pooled)
+        router_in = torch.cat([pooled, self.level_embedding(packed.pair_level)], dim=-1)
+        g = torch.sigmoid(self.router(router_in)).squeeze(-1)
+        m = decision.level_masks[packed.pair_user, packed.pair_level].to(g.dtype)
+        h, z_coar = gated_fusion(fine, coarse, g, m, packed.offsets, self.final_gate.weight, self.final_gate.bias)
+        return {"h": h, "z_coar": z_coar, "coarse": coarse, "g": g, "packed": packed,
+                "decision": decision, "l_deno": l_deno}
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.user_representation(batch["input_ids"])
+        decision = out["decision"]
+        terms = {
+            "rec": self.rec_loss(out["h"], batch),
+            "deno": out["l_deno"],
+            "cont": coarse_contrastive_loss(out["coarse"], out["packed"], decision.depths, self.max_depth,
+                                            self.cont_temperature),
+            "expl": decision.exploration,
+        }
+        terms.update(self.elcrec_terms(out["h"], batch))
+        loss = (terms["rec"] + self.lambda_deno * terms["deno"] + self.lambda_cont * terms["cont"]
+                + self.lambda_expl * terms["expl"] + self.weighted_elcrec(terms))
+        self._record(decision.depths, out["packed"], out["g"])
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.user_representation(input_ids)["h"][:, -1]
+        return self.encoder.item_scores(h)
+
+    # -- observability: accumulated on device, read once per epoch ----------------------------
+    @torch.no_grad()
+    def _record(self, depths: torch.Tensor, packed: PackedLevels, g: torch.Tensor) -> None:
+        levels = self.max_depth + 1
+        if self._stats is None:
+            # Plain float64 tensors, not buffers: a bf16 engine must not cast the counters.
+            zeros = torch.zeros(levels, dtype=torch.float64, device=depths.device)
+            self._stats = {"depth": zeros.clone(), "router_sum": zeros.clone(), "router_n": zeros.clone(),
+                           "users": zeros.new_zeros(())}
+        s = self._stats
+        s["depth"] += torch.bincount(depths, minlength=levels).double()
+        s["router_sum"].index_add_(0, packed.pair_level, g.double())
+        s["router_n"] += torch.bincount(packed.pair_level, minlength=levels).double()
+        s["users"] += depths.numel()
+
+    def pop_epoch_stats(self) -> dict[str, float | None]:
+        """Depth histogram, mean router weight per level and fraction of (user, level) pairs
+        computed out of B (T_max + 1), since the last call."""
+        if self._stats is None:
+            return {}
+        s = {k: v.cpu() for k, v in self._stats.items()}
+        self._stats = None
+        users = max(float(s["users"]), 1.0)
+        out = {f"depth_frac_{k}": float(s["depth"][k]) / users for k in range(self.max_depth + 1)}
+        for k in range(self.max_depth + 1):
+            n = float(s["router_n"][k])
+            out[f"router_g_{k}"] = float(s["router_sum"][k]) / n if n else None
+        out["pairs_computed_frac"] = float(s["router_n"].sum()) / (users * (self.max_depth + 1))
+        return out
