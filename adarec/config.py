@@ -29,7 +29,7 @@ import yaml
 
 from .errors import ConfigError, DataError
 
-MODEL_NAMES: tuple[str, ...] = ("sasrec", "elcrec", "adarec")
+MODEL_NAMES: tuple[str, ...] = ("sasrec", "elcrec", "adarec", "adarec-dual")
 """Valid values of model.name; the model registry extends this tuple when it adds models."""
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "sasrec"
-    """Model to train: sasrec, elcrec or adarec (the paper model)."""
+    """Model to train: sasrec, elcrec, adarec (the paper model) or adarec-dual (the authors' code)."""
     hidden_size: int = 64
     """Embedding and Transformer hidden size D; must be divisible by num_heads."""
     num_layers: int = 2
@@ -77,6 +77,9 @@ class ModelConfig:
     """ELCRec: number K of learnable intent centers (256 Beauty/Yelp, 512 Sports/Toys)."""
     trade_off: float = 1.0
     """ELCRec: weight of the cluster term (sample-center minus center-center distance)."""
+    kmeans_init: bool = True
+    """ELCRec: initialise the intent centres by k-means on the untrained model's outputs; false
+    reproduces the authors' ADARec code, which never initialises them (a compat quirk)."""
     prototype: str = "none"
     """ELCRec: how intent centres enter the instance contrast: none, shift (add each position's
     nearest centre to its output; the reference setting for Beauty) or concat (append it; Sports,

@@ -8,7 +8,7 @@ import torch
 
 from adarec.config import load_config
 from adarec.errors import AdarecError
-from adarec.models import build_model
+from adarec.models import build_members, scorer
 
 from .data_setup import load_split
 from .distributed import pick_device
@@ -24,8 +24,12 @@ def evaluate_run(run_dir: Path, split_name: str = "test", device: str = "auto") 
     cfg = load_config(config_path)
     dev = pick_device(device)
     split = load_split(cfg, dev)
-    model = build_model(cfg.model, split.num_items, split.max_len).to(dev)
-    saved = torch.load(weights_path, map_location=dev, weights_only=True)
-    model.load_state_dict({k: v.float() for k, v in saved["model"].items()})
-    metrics = evaluate_split(model, split, split_name, cfg.eval.ks, cfg.eval.protocol, cfg.eval.batch_size)
-    return {"epoch": saved["epoch"], "split": split_name, **metrics}
+    members = build_members(cfg.model, split.num_items, split.max_len)
+    saved = torch.load(weights_path, map_location=dev, weights_only=True)["members"]
+    if set(saved) != set(members):
+        raise AdarecError(f"{weights_path}: holds {sorted(saved)}, the config builds {sorted(members)}")
+    for name, net in members.items():
+        net.to(dev).load_state_dict({k: v.float() for k, v in saved[name]["model"].items()})
+    metrics = evaluate_split(scorer(members), split, split_name, cfg.eval.ks, cfg.eval.protocol,
+                             cfg.eval.batch_size)
+    return {"epoch": max(entry["epoch"] for entry in saved.values()), "split": split_name, **metrics}

@@ -30,7 +30,7 @@ def test_two_epoch_run_writes_everything_and_resume_matches(tmp_path):
     straight = tmp_path / "straight"
     result = run_training(small_config(2), straight)
     for name in ("config.yaml", "ds_config.json", "train.log", "metrics.jsonl", "epochs.jsonl",
-                 "best_model.pt", "test_metrics.json", "curves.png", "checkpoints/latest"):
+                 "best_model.pt", "test_metrics.json", "curves.png", "checkpoints/model/latest"):
         assert (straight / name).exists(), name
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
     metrics = read_jsonl(straight / "metrics.jsonl")
@@ -78,7 +78,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = apply_overrides(load_config(run / "config.yaml"), ["train.epochs=3"])
     with pytest.raises(TrainingDiverged, match="non-finite training loss at epoch 2"):
         run_training(cfg, run, resume=True)
-    assert (run / "checkpoints/latest").read_text().strip() == "epoch1"
+    assert (run / "checkpoints/model/latest").read_text().strip() == "epoch1"
     assert (run / "best_model.pt").exists()
 
 

@@ -1,6 +1,7 @@
 """Sequential recommenders, built by name from the model config."""
 
 from .adarec import ADARec
+from .dual import NoisedELCRec, ScoreAverage, build_dual_experts
 from .elcrec import ELCRec
 from .sasrec import SASRec
 
@@ -8,7 +9,7 @@ MODELS = {"sasrec": SASRec, "elcrec": ELCRec, "adarec": ADARec}
 
 
 def build_model(cfg, num_items: int, max_len: int):
-    """Instantiate model.name with its config section."""
+    """Instantiate a single-network model.name with its config section."""
     try:
         cls = MODELS[cfg.name]
     except KeyError:
@@ -16,4 +17,19 @@ def build_model(cfg, num_items: int, max_len: int):
     return cls(cfg, num_items, max_len)
 
 
-__all__ = ["MODELS", "ELCRec", "SASRec", "build_model"]
+def build_members(cfg, num_items: int, max_len: int) -> dict:
+    """The separately optimised networks of a model: {"model": net} for the single-network
+    models, the two experts {"e5", "e10"} for adarec-dual (each with its own optimizer and
+    early stopping; their scores are averaged at test time)."""
+    if cfg.name == "adarec-dual":
+        return build_dual_experts(cfg, num_items, max_len)
+    return {"model": build_model(cfg, num_items, max_len)}
+
+
+def scorer(members: dict):
+    """The object evaluation ranks with: the single network, or the average of the experts."""
+    return next(iter(members.values())) if len(members) == 1 else ScoreAverage(members)
+
+
+__all__ = ["MODELS", "ADARec", "ELCRec", "NoisedELCRec", "SASRec", "ScoreAverage", "build_members",
+           "build_model", "scorer"]

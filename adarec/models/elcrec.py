@@ -41,6 +41,7 @@ class ELCRec(SASRec):
         self.trade_off = cfg.trade_off
         self.temperature = cfg.cl_temperature
         self.prototype = cfg.prototype
+        self.kmeans_init = cfg.kmeans_init
         self.intent_centers = nn.Parameter(torch.randn(cfg.num_intent_clusters, cfg.hidden_size) * 0.02)
 
     def elcrec_terms(self, hidden: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
@@ -92,6 +93,9 @@ class ELCRec(SASRec):
     def prepare(self, split, device, seed: int, batch_size: int = 1024) -> None:
         """Initialise the intent centres by spherical k-means (faiss) on the untrained model's
         pooled outputs of the training inputs."""
+        if not self.kmeans_init:
+            log.info("intent centres left at their random init (model.kmeans_init=false)")
+            return
         import faiss
 
         was_training = self.training

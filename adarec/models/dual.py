@@ -1,0 +1,103 @@
+"""`adarec-dual`: the authors' released ADARec code path (METHOD.md section 3).
+
+Two complete ELCRec models, "e5" noising E^0 at schedule steps {3, 4} and "e10" at {8, 9}
+(0-based steps of the 50-step linear schedule: noise std about .053/.068 and .124/.138). In each
+expert a GRU + length-embedding controller gives plain softmax weights over its two noised
+copies; their weighted sum is re-encoded by the same encoder. No denoiser, router or gate. The
+engine trains the two as separate members (own optimizer, own early stopping) and tests the
+mean of their score matrices.
+
+Per expert: BCE(raw) + 0.5 BCE(noised) + 1e-4 masked-MSE(noised out, raw out detached)
++ 1e-4 (-entropy of the weights) + the ELCRec terms on the raw path. Scoring uses the raw path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adarec.diffusion import linear_beta_schedule
+
+from .elcrec import ELCRec
+from .encoder import masked_mean
+
+EXPERT_STEPS = {"e5": (3, 4), "e10": (8, 9)}
+NOISED_REC_WEIGHT = 0.5
+CONSISTENCY_WEIGHT = 1e-4
+EXPLORATION_WEIGHT = 1e-4
+
+
+class NoisedCopyController(nn.Module):
+    """Softmax weights over the noised copies from GRU([E^0 ; length embedding])."""
+
+    def __init__(self, hidden: int, max_len: int, copies: int):
+        super().__init__()
+        self.max_len = max_len
+        self.length_embedding = nn.Embedding(max_len + 1, hidden)
+        self.gru = nn.GRU(2 * hidden, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, copies)
+
+    def forward(self, e0: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        lengths = (input_ids > 0).sum(1).clamp(max=self.max_len)
+        v_len = self.length_embedding(lengths)[:, None, :].expand_as(e0)
+        states, _ = self.gru(torch.cat([e0, v_len], dim=-1))
+        return F.softmax(self.head(masked_mean(states, input_ids)).float(), dim=-1)
+
+
+class NoisedELCRec(ELCRec):
+    """One expert of adarec-dual."""
+
+    def __init__(self, cfg, num_items: int, max_len: int, steps: tuple[int, ...]):
+        super().__init__(cfg, num_items, max_len)
+        abar = torch.cumprod(1.0 - linear_beta_schedule(cfg.diffusion_steps), 0)[list(steps)]
+        self.register_buffer("sqrt_abar", abar.sqrt().float(), persistent=False)
+        self.register_buffer("sqrt_one_minus_abar", (1.0 - abar).sqrt().float(), persistent=False)
+        self.copy_controller = NoisedCopyController(cfg.hidden_size, max_len, len(steps))
+        self.copy_controller.apply(self.encoder._init_weights)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids = batch["input_ids"]
+        e0 = self.encoder.embed(ids)
+        raw = self.encoder.encode(e0, ids)
+        weights = self.copy_controller(e0, ids)                                  # [B, copies]
+        noise = torch.randn((len(self.sqrt_abar), *e0.shape), device=e0.device, dtype=e0.dtype)
+        copies = self.sqrt_abar.to(e0.dtype)[:, None, None, None] * e0 + \
+            self.sqrt_one_minus_abar.to(e0.dtype)[:, None, None, None] * noise   # [copies, B, L, D]
+        mixed = torch.einsum("bc,cbld->bld", weights.to(e0.dtype), copies)
+        noised = self.encoder.encode(mixed, ids)
+        valid = (ids > 0).unsqueeze(-1).float()
+        consistency = ((noised.float() - raw.detach().float()).pow(2) * valid).sum() / \
+            (valid.sum() * noised.shape[-1]).clamp_min(1.0)
+        entropy = -(weights * torch.log(weights.clamp_min(1e-12))).sum(-1).mean()
+        terms = {
+            "rec": self.rec_loss(raw, batch),
+            "rec_noised": self.rec_loss(noised, batch),
+            "consistency": consistency,
+            "expl": -entropy,
+        }
+        terms.update(self.elcrec_terms(raw, batch))
+        loss = (terms["rec"] + NOISED_REC_WEIGHT * terms["rec_noised"] + CONSISTENCY_WEIGHT * consistency
+                + EXPLORATION_WEIGHT * terms["expl"] + self.weighted_elcrec(terms))
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+
+def build_dual_experts(cfg, num_items: int, max_len: int) -> dict[str, NoisedELCRec]:
+    return {name: NoisedELCRec(cfg, num_items, max_len, steps) for name, steps in EXPERT_STEPS.items()}
+
+
+class ScoreAverage(nn.Module):
+    """Scores of several trained members averaged (the dual model's test-time ensemble)."""
+
+    def __init__(self, members: dict[str, nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleDict(members)
+
+    @property
+    def never_rank(self):
+        return next(iter(self.members.values())).never_rank
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        scores = [m.score(input_ids).float() for m in self.members.values()]
+        return torch.stack(scores).mean(0)
