@@ -52,6 +52,6 @@ class DepthController(nn.Module):
         depths = probs.argmax(-1) if self.training else logits.argmax(-1)
         # s_k = sum_{j >= k} p_j; the mask has value 1 and the gradient of s_k.
         survival = probs.flip(-1).cumsum(-1).flip(-1)
-        level_masks = 1.0 + survival - survival.detach()
+        level_masks = 1.0 + (survival - survival.detach())  # exactly 1 in value
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
         return DepthDecision(depths, probs, level_masks, -entropy.mean())
