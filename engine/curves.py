@@ -14,16 +14,22 @@ def plot_curves(run_dir: Path, out_name: str = "curves.png") -> Path:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "valid"]
+    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"].startswith("valid")]
     epochs = read_jsonl(run_dir / "epochs.jsonl")
     fig, (ax_rank, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    splits = sorted({r["split"] for r in evals})
     keys = [k for k in (evals[0] if evals else {}) if k.startswith(("HR@", "NDCG@"))]
+    if len(splits) > 1:
+        keys = [k for k in keys if k.endswith("@20")] or keys  # one pair per member keeps it readable
     cutoffs = sorted({int(k.split("@")[1]) for k in keys})
-    for key in keys:
-        # One colour per K: HR dashed, NDCG solid, so the pairs read together.
-        color = f"C{cutoffs.index(int(key.split('@')[1]))}"
-        ax_rank.plot([r["epoch"] for r in evals], [r[key] for r in evals], label=key, color=color,
-                     linestyle="-" if key.startswith("NDCG") else "--")
+    for si, split in enumerate(splits):
+        rows = [r for r in evals if r["split"] == split]
+        for key in keys:
+            # One colour per K (or per member): HR dashed, NDCG solid, so the pairs read together.
+            index = si if len(splits) > 1 else cutoffs.index(int(key.split("@")[1]))
+            label = key if len(splits) == 1 else f"{split.split('/')[-1]} {key}"
+            ax_rank.plot([r["epoch"] for r in rows], [r[key] for r in rows], label=label, color=f"C{index}",
+                         linestyle="-" if key.startswith("NDCG") else "--")
     ax_rank.set(title="validation", xlabel="epoch", ylabel="metric")
     if evals:
         ax_rank.legend(fontsize=8)

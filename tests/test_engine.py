@@ -96,3 +96,14 @@ def test_ds_config_carries_precision_clipping_and_overlay(tmp_path):
     merged = build_ds_config(cfg, 1, torch.device("cpu"))
     assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert merged["train_batch_size"] == 64
+
+
+def test_curves_plot_single_and_per_member_validation(tmp_path):
+    from adarec.engine.curves import plot_curves
+
+    metrics = {"HR@5": 0.1, "HR@20": 0.2, "NDCG@5": 0.05, "NDCG@20": 0.08}
+    rows = [{"epoch": e, "split": s, **metrics} for e in (1, 2) for s in ("valid/e5", "valid/e10")]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "epochs.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": 3.0 - e}) + "\n" for e in (1, 2)))
+    out = plot_curves(tmp_path)
+    assert out.exists() and out.stat().st_size > 10_000
