@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from batches import synthetic_batch
 
 from adarec.config import ModelConfig
 from adarec.diffusion import pack_levels
@@ -17,14 +18,6 @@ from adarec.models.encoder import masked_mean
 NUM_ITEMS, MAX_LEN, T_MAX, HIDDEN = 30, 8, 3, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP stalls on a CPU shared with training jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def small_cfg(**kw):
     base = {"name": "adarec", "hidden_size": HIDDEN, "num_layers": 1, "num_heads": 2, "hidden_dropout": 0.0,
@@ -34,15 +27,7 @@ def small_cfg(**kw):
 
 
 def batch_for(num_items=NUM_ITEMS, b=5, length=MAX_LEN, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, num_items + 1, (b, length), generator=g)
-    lengths = torch.tensor([length, 1, 3, 5, 2][:b])
-    cols = torch.arange(length)
-    ids = torch.where(cols[None] >= length - lengths[:, None], ids, 0)
-    target = torch.where(ids > 0, torch.randint(1, num_items + 1, (b, length), generator=g), 0)
-    neg = torch.where(ids > 0, torch.randint(1, num_items + 1, (b, length), generator=g), 0)
-    return {"input_ids": ids, "target_pos": target, "target_neg": neg, "user": torch.arange(b),
-            "view1": ids.roll(1, 0), "view2": ids.roll(2, 0)}
+    return synthetic_batch(num_items, b, length, seed)
 
 
 def make_model(seed=0, **kw):

@@ -9,15 +9,6 @@ import torch
 from adarec.diffusion import diffusion_trajectory, level_tables, linear_beta_schedule, pack_levels
 from adarec.fusion import gated_fusion, segment_sum
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP stalls on a CPU shared with training jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # ----------------------------------------------------------------------------- references
 
 

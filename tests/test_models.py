@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from batches import synthetic_batch
 
 from adarec.config import ModelConfig
 from adarec.models import ELCRec, SASRec, build_model
@@ -20,15 +21,7 @@ def small_cfg(**kw):
 
 
 def batch_for(num_items=30, b=5, length=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, num_items + 1, (b, length), generator=g)
-    lengths = torch.tensor([length, 1, 3, 5, 2][:b])
-    cols = torch.arange(length)
-    ids = torch.where(cols[None] >= length - lengths[:, None], ids, 0)
-    target = torch.where(ids > 0, torch.randint(1, num_items + 1, (b, length), generator=g), 0)
-    neg = torch.where(ids > 0, torch.randint(1, num_items + 1, (b, length), generator=g), 0)
-    return {"input_ids": ids, "target_pos": target, "target_neg": neg, "user": torch.arange(b),
-            "view1": ids.roll(1, 0), "view2": ids.roll(2, 0)}
+    return synthetic_batch(num_items, b, length, seed)
 
 
 def test_attention_mask_is_causal_and_ignores_padding():

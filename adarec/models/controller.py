@@ -24,21 +24,35 @@ class DepthDecision:
     exploration: torch.Tensor   # scalar, L_expl = -entropy(p) averaged over users
 
 
-class DepthController(nn.Module):
-    def __init__(self, hidden: int, max_len: int, max_depth: int, tau: float = 0.5):
+class LengthAwareGRU(nn.Module):
+    """logits = W mean_valid(GRU([E^0 ; v_len])) + b, v_len an embedding of the history length.
+
+    The summary both controllers read a sequence with (ADARec's depth controller here, the
+    dual model's weights over its noised copies in dual.py).
+    """
+
+    def __init__(self, hidden: int, max_len: int, outputs: int):
         super().__init__()
-        self.max_depth = max_depth
         self.max_len = max_len
-        self.tau = tau
         self.length_embedding = nn.Embedding(max_len + 1, hidden)
         self.gru = nn.GRU(2 * hidden, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, max_depth + 1)
+        self.head = nn.Linear(hidden, outputs)
 
-    def logits(self, e0: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, e0: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         lengths = (input_ids > 0).sum(1).clamp(max=self.max_len)
         v_len = self.length_embedding(lengths)[:, None, :].expand_as(e0)
         states, _ = self.gru(torch.cat([e0, v_len], dim=-1))
         return self.head(masked_mean(states, input_ids)).float()
+
+
+class DepthController(LengthAwareGRU):
+    def __init__(self, hidden: int, max_len: int, max_depth: int, tau: float = 0.5):
+        super().__init__(hidden, max_len, max_depth + 1)
+        self.max_depth = max_depth
+        self.tau = tau
+
+    def logits(self, e0: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(e0, input_ids)
 
     def forward(self, e0: torch.Tensor, input_ids: torch.Tensor,
                 generator: torch.Generator | None = None) -> DepthDecision:

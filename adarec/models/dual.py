@@ -19,30 +19,13 @@ from torch import nn
 
 from adarec.diffusion import linear_beta_schedule
 
+from .controller import LengthAwareGRU
 from .elcrec import ELCRec
-from .encoder import masked_mean
 
 EXPERT_STEPS = {"e5": (3, 4), "e10": (8, 9)}
 NOISED_REC_WEIGHT = 0.5
 CONSISTENCY_WEIGHT = 1e-4
 EXPLORATION_WEIGHT = 1e-4
-
-
-class NoisedCopyController(nn.Module):
-    """Softmax weights over the noised copies from GRU([E^0 ; length embedding])."""
-
-    def __init__(self, hidden: int, max_len: int, copies: int):
-        super().__init__()
-        self.max_len = max_len
-        self.length_embedding = nn.Embedding(max_len + 1, hidden)
-        self.gru = nn.GRU(2 * hidden, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, copies)
-
-    def forward(self, e0: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        lengths = (input_ids > 0).sum(1).clamp(max=self.max_len)
-        v_len = self.length_embedding(lengths)[:, None, :].expand_as(e0)
-        states, _ = self.gru(torch.cat([e0, v_len], dim=-1))
-        return F.softmax(self.head(masked_mean(states, input_ids)).float(), dim=-1)
 
 
 class NoisedELCRec(ELCRec):
@@ -53,14 +36,14 @@ class NoisedELCRec(ELCRec):
         abar = torch.cumprod(1.0 - linear_beta_schedule(cfg.diffusion_steps), 0)[list(steps)]
         self.register_buffer("sqrt_abar", abar.sqrt().float(), persistent=False)
         self.register_buffer("sqrt_one_minus_abar", (1.0 - abar).sqrt().float(), persistent=False)
-        self.copy_controller = NoisedCopyController(cfg.hidden_size, max_len, len(steps))
+        self.copy_controller = LengthAwareGRU(cfg.hidden_size, max_len, len(steps))
         self.copy_controller.apply(self.encoder._init_weights)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = batch["input_ids"]
         e0 = self.encoder.embed(ids)
         raw = self.encoder.encode(e0, ids)
-        weights = self.copy_controller(e0, ids)                                  # [B, copies]
+        weights = F.softmax(self.copy_controller(e0, ids), dim=-1)               # [B, copies]
         noise = torch.randn((len(self.sqrt_abar), *e0.shape), device=e0.device, dtype=e0.dtype)
         copies = self.sqrt_abar.to(e0.dtype)[:, None, None, None] * e0 + \
             self.sqrt_one_minus_abar.to(e0.dtype)[:, None, None, None] * noise   # [copies, B, L, D]
