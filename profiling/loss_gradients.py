@@ -41,7 +41,7 @@ def term_gradient_norms(model, batch) -> dict[str, dict[str, float]]:
     out = {}
     for name, value in terms.items():
         weighted = WEIGHTS.get(name, lambda m: 1.0)(model) * value
-        row = {"value": float(value)}
+        row = {"value": float(value.detach())}
         for group, params in parameter_groups(model).items():
             grads = torch.autograd.grad(weighted, params, retain_graph=True, allow_unused=True)
             row[group] = float(sum(g.pow(2).sum() for g in grads if g is not None) ** 0.5)
