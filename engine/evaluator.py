@@ -34,7 +34,6 @@ def evaluate_split(model, split, which: str, ks, protocol: str = "full", batch_s
     names = list(sums)
     count = torch.tensor(float(users.numel()), dtype=torch.float64, device=device)
     totals = torch.stack([sums[k] for k in names] + [count])
-
     if world_size > 1:
         torch.distributed.all_reduce(totals)
     totals = totals.cpu()
