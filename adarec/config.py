@@ -159,6 +159,14 @@ class EvalConfig:
 
 
 @dataclass
+class KernelsConfig:
+    backend: str = "auto"
+    """Implementation of the fused ops (diffusion trajectory, gated fusion): auto (fused on CUDA,
+    eager elsewhere), fused (raise if the fused op cannot run) or eager (the reference PyTorch
+    path). The environment variable ADAREC_KERNELS, when set, overrides this value."""
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Dataset file and sequence preparation."""
@@ -168,6 +176,8 @@ class RunConfig:
     """Optimization, early stopping and runtime settings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Ranking evaluation settings."""
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    """Choice between the fused kernels and their eager twins."""
 
 
 # ----------------------------------------------------------------------------- docs and types
@@ -435,6 +445,7 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
          "must be a non-empty list of integers >= 1")
     need(len(set(e.ks)) == len(e.ks), "eval.ks", "must not repeat a cut-off")
     choice("eval.protocol", ("full", "compat"))
+    choice("kernels.backend", ("auto", "fused", "eager"))
     need(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
     match = _METRIC.match(e.select_metric)
     need(match is not None, "eval.select_metric", "must look like HR@K or NDCG@K")

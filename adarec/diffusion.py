@@ -107,18 +107,26 @@ def diffusion_trajectory(
     b2: torch.Tensor,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    seed: int | None = None,
+    zero_noise: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reconstructions Ehat [P, L, D] of every active pair and the denoising loss L_deno.
 
     e0 [B, L, D] left-padded (valid positions are the last lengths[u]); noise [P, L, D] may be
-    given for exact comparisons (default: fresh N(0, 1) from `generator`). Level-0 rows are E^0.
+    given for exact comparisons (default: fresh N(0, 1) from `generator`, or from a generator
+    seeded with `seed`; the fused twin draws a different but equally distributed stream).
+    `zero_noise` is the evaluation mode (eps = 0). Level-0 rows are E^0.
     L_deno = mean over pairs with level >= 1 and valid positions of ||eps_hat - eps||^2 / D
     (zero when no pair has level >= 1).
     """
     num_pairs = pair_user.numel()
     length = e0.shape[1]
     x0 = e0[pair_user]
-    if noise is None:
+    if zero_noise:
+        noise = torch.zeros_like(x0)
+    elif noise is None:
+        if seed is not None:
+            generator = torch.Generator(device=x0.device).manual_seed(int(seed))
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     valid = (torch.arange(length, device=e0.device)[None, :] >= (length - lengths[pair_user])[:, None])
     a = sqrt_abar.to(x0.dtype)[pair_level][:, None, None]

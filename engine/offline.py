@@ -24,7 +24,7 @@ def evaluate_run(run_dir: Path, split_name: str = "test", device: str = "auto") 
     cfg = load_config(config_path)
     dev = pick_device(device)
     split = load_split(cfg, dev)
-    members = build_members(cfg.model, split.num_items, split.max_len)
+    members = build_members(cfg.model, split.num_items, split.max_len, cfg.kernels.backend)
     saved = torch.load(weights_path, map_location=dev, weights_only=True)["members"]
     if set(saved) != set(members):
         raise AdarecError(f"{weights_path}: holds {sorted(saved)}, the config builds {sorted(members)}")

@@ -75,7 +75,8 @@ class Trainer:
         self.device = dist.device
         seed_everything(cfg.train.seed)
         members = {name: net.to(self.device)
-                   for name, net in build_members(cfg.model, split.num_items, split.max_len).items()}
+                   for name, net in build_members(cfg.model, split.num_items, split.max_len,
+                                                   cfg.kernels.backend).items()}
         self.ds_config = build_ds_config(cfg.train, dist.world_size, self.device)
         self.engines = {}
         for name, net in members.items():

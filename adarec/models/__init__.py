@@ -8,22 +8,25 @@ from .sasrec import SASRec
 MODELS = {"sasrec": SASRec, "elcrec": ELCRec, "adarec": ADARec}
 
 
-def build_model(cfg, num_items: int, max_len: int):
-    """Instantiate a single-network model.name with its config section."""
+def build_model(cfg, num_items: int, max_len: int, kernel_backend: str = "auto"):
+    """Instantiate a single-network model.name with its config section; kernel_backend
+    (kernels.backend) picks fused or eager ops in the models that have them."""
     try:
         cls = MODELS[cfg.name]
     except KeyError:
         raise ValueError(f"unknown model {cfg.name!r}; available: {', '.join(MODELS)}") from None
+    if cls is ADARec:
+        return cls(cfg, num_items, max_len, kernel_backend=kernel_backend)
     return cls(cfg, num_items, max_len)
 
 
-def build_members(cfg, num_items: int, max_len: int) -> dict:
+def build_members(cfg, num_items: int, max_len: int, kernel_backend: str = "auto") -> dict:
     """The separately optimised networks of a model: {"model": net} for the single-network
     models, the two experts {"e5", "e10"} for adarec-dual (each with its own optimizer and
     early stopping; their scores are averaged at test time)."""
     if cfg.name == "adarec-dual":
         return build_dual_experts(cfg, num_items, max_len)
-    return {"model": build_model(cfg, num_items, max_len)}
+    return {"model": build_model(cfg, num_items, max_len, kernel_backend)}
 
 
 def scorer(members: dict):

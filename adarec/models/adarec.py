@@ -7,8 +7,9 @@ packed batch, an MLP coarse expert, a content-aware router, the depth-masked gat
 -> h, scored against the item embeddings. Loss: L_rec + lambda_deno L_deno + lambda_cont L_cont
 + lambda_expl L_expl + the ELCRec terms (computed on h).
 
-The trajectory and the fusion are called through `adarec.diffusion.diffusion_trajectory` and
-`adarec.fusion.gated_fusion`, the seams where the fused Triton and C++/CUDA ops plug in.
+The trajectory is `adarec.diffusion.diffusion_trajectory` or its fused Triton twin, chosen by
+`kernels.backend` (adarec/backends.py); the fusion is `adarec.fusion.gated_fusion`, the seam
+where the C++/CUDA op plugs in.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adarec.diffusion import Denoiser, PackedLevels, diffusion_trajectory, level_tables, pack_levels
+from adarec.backends import trajectory_function
+from adarec.diffusion import Denoiser, PackedLevels, level_tables, pack_levels
 from adarec.fusion import gated_fusion
 
 from .controller import DepthController
@@ -56,8 +58,9 @@ def coarse_contrastive_loss(z: torch.Tensor, packed: PackedLevels, depths: torch
 class ADARec(ELCRec):
     needs_views = True
 
-    def __init__(self, cfg, num_items: int, max_len: int):
+    def __init__(self, cfg, num_items: int, max_len: int, kernel_backend: str = "auto"):
         super().__init__(cfg, num_items, max_len)
+        self.kernel_backend = kernel_backend
         hidden, depth = cfg.hidden_size, cfg.max_depth
         self.max_depth = depth
         self.lambda_deno, self.lambda_cont, self.lambda_expl = cfg.lambda_deno, cfg.lambda_cont, cfg.lambda_expl
@@ -83,11 +86,12 @@ class ADARec(ELCRec):
         packed = pack_levels(decision.depths)
         lengths = (input_ids > 0).sum(1)
         den = self.denoiser
+        trajectory = trajectory_function(self.kernel_backend, e0.device)
         # Evaluation is deterministic: the argmax depth and no noise.
-        noise = None if self.training else e0.new_zeros((packed.num_pairs, *e0.shape[1:]))
-        e_hat, l_deno = diffusion_trajectory(
+        e_hat, l_deno = trajectory(
             e0, lengths, packed.pair_user, packed.pair_level, self.sqrt_abar, self.sqrt_one_minus_abar,
-            den.fc1.weight, den.fc1.bias, den.step_table(), den.fc2.weight, den.fc2.bias, noise=noise,
+            den.fc1.weight, den.fc1.bias, den.step_table(), den.fc2.weight, den.fc2.bias,
+            zero_noise=not self.training,
         )
         pair_ids = input_ids[packed.pair_user]
         fine = self.encoder.encode(e_hat, pair_ids)

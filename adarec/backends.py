@@ -1,0 +1,73 @@
+"""Choosing between a fused op and its eager twin (`kernels.backend`, env ADAREC_KERNELS).
+
+auto   the fused op where it can run (CUDA tensors and an importable Triton), else the eager
+       twin; a fallback on CUDA is logged once, since it costs speed.
+fused  the fused op, or a clear error saying why it cannot run here. On CPU the Triton kernels
+       run only under TRITON_INTERPRET=1 (tests).
+eager  the reference PyTorch functions in adarec/diffusion.py and adarec/fusion.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+
+from adarec.diffusion import diffusion_trajectory
+
+BACKENDS = ("auto", "fused", "eager")
+ENV_VAR = "ADAREC_KERNELS"
+log = logging.getLogger(__name__)
+
+
+def resolve_backend(configured: str = "auto") -> str:
+    """The backend in force: ADAREC_KERNELS when set, else the configured value."""
+    name = os.environ.get(ENV_VAR, "").strip().lower() or configured
+    if name not in BACKENDS:
+        source = ENV_VAR if os.environ.get(ENV_VAR, "").strip() else "kernels.backend"
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _fused_trajectory() -> Callable | str:
+    """The fused trajectory, or the reason it cannot be imported."""
+    try:
+        from adarec.kernels.trajectory import fused_diffusion_trajectory
+    except Exception as exc:  # triton missing or broken: report, do not crash an auto run
+        return f"{type(exc).__name__}: {exc}"
+    return fused_diffusion_trajectory
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+def trajectory_function(backend: str, device: torch.device) -> Callable:
+    """The diffusion-trajectory implementation to use for tensors on ``device``."""
+    backend = resolve_backend(backend)
+    if backend == "eager":
+        return diffusion_trajectory
+    runnable_here = device.type == "cuda" or _interpreter_on()
+    fused = _fused_trajectory() if runnable_here else None
+    if backend == "fused":
+        if not runnable_here:
+            raise RuntimeError(f"kernels.backend=fused: the Triton trajectory needs CUDA tensors (got {device}); "
+                               "on CPU it runs only under TRITON_INTERPRET=1")
+        if isinstance(fused, str):
+            raise RuntimeError(f"kernels.backend=fused: the Triton trajectory cannot be loaded ({fused})")
+        return fused
+    if device.type != "cuda":
+        return diffusion_trajectory
+    if isinstance(fused, str):
+        _warn_once(f"kernels.backend=auto: using the eager trajectory, the fused one cannot be loaded ({fused})")
+        return diffusion_trajectory
+    return fused

@@ -1,0 +1,485 @@
+"""Fused diffusion trajectory: in-kernel noise, per-position MLP denoiser, variable depth.
+
+The eager twin and the definition of every quantity is `adarec.diffusion.diffusion_trajectory`;
+this op has the same signature and results (plus a `seed`).
+
+Work layout. Only valid (non-padding) positions are computed. Users are sorted by depth and
+their valid positions laid end to end as "rows"; a program takes R consecutive rows and walks
+the levels 1..max depth of its rows, so x0 = E^0 is read once per row and, in the backward,
+dE^0 is summed over a user's levels in registers (no atomics). Sorting by depth keeps the rows
+of one block at similar depths, so few rows idle in the level loop. The row map is built on
+the device from `lengths` and the packed pairs, with an upper bound (B * L rows) as the grid
+so no host synchronisation is needed and ragged lengths never recompile anything.
+
+Noise. eps for (pair, position, channel) is Philox(seed; counter = (position * D + channel,
+pair)), Box-Muller'd to N(0, 1). The backward regenerates the same values from the same
+counters, so no noise tensor is ever stored. `noise=` replaces the RNG by a given [P, L, D]
+tensor (for exact comparison with the eager twin); `zero_noise=True` is the evaluation mode.
+
+Backward, in two kernels:
+1. rows kernel (same layout as the forward): recompute eps_hat, form d eps_hat, push it back
+   through the MLP to dE^0, and store d eps_hat (fp32) for the second kernel;
+2. weights kernel: one program per (H chunk, row split) recomputes the chunk's hidden
+   activations and accumulates dW1, dW2, db1, db2 and d step_table for its chunk in registers
+   across all its rows; the S row splits are summed afterwards (per-block partial sums, then a
+   reduction, instead of contended atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+NOISE_RNG, NOISE_GIVEN, NOISE_ZERO = 0, 1, 2
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1.0 + tl.erf(x * _SQRT1_2))
+
+
+@triton.jit
+def _gelu_grad(x):
+    cdf = 0.5 * (1.0 + tl.erf(x * _SQRT1_2))
+    return cdf + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+
+
+@triton.jit
+def _level_noise(seed, noise_ptr, pair, pos, cols, row_mask, col_mask, L, D, NOISE_MODE: tl.constexpr):
+    """eps [R, BD] (fp32) of the given pairs [R] at positions pos [R]."""
+    mask = row_mask[:, None] & col_mask[None, :]
+    if NOISE_MODE == 0:
+        c0 = (pos[:, None] * D + cols[None, :]).to(tl.uint32)
+        c1 = (pair[:, None] + cols[None, :] * 0).to(tl.uint32)
+        zero = tl.zeros_like(c0)
+        i1, i2, _, _ = tl.philox(seed, c0, c1, zero, zero)
+        u1 = tl.uint_to_uniform_float(i1)
+        u2 = tl.uint_to_uniform_float(i2)
+        eps, _ = tl.pair_uniform_to_normal(u1, u2)
+        eps = tl.where(mask, eps, 0.0)
+    elif NOISE_MODE == 1:
+        offs = (pair.to(tl.int64) * L + pos)[:, None] * D + cols[None, :]
+        eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        eps = tl.zeros((pos.shape[0], cols.shape[0]), dtype=tl.float32)
+    return eps
+
+
+@triton.jit
+def _denoiser_eps_hat(ek, level, cols, col_mask, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr, D, H,
+                      BH: tl.constexpr, PRECISION: tl.constexpr):
+    """eps_hat = W2 gelu(W1 ek + b1 + step[level]) + b2 on rows ek [R, BD] (fp32 result).
+
+    The hidden width H is streamed in BH-wide chunks so only [R, BH] activations and one chunk
+    of each weight are live at a time; products accumulate in fp32.
+    """
+    wdt = w1_ptr.dtype.element_ty
+    ek_w = ek.to(wdt)
+    acc = tl.zeros(ek.shape, dtype=tl.float32)
+    for h0 in range(0, H, BH):
+        hid = h0 + tl.arange(0, BH)
+        hmask = hid < H
+        wmask = col_mask[:, None] & hmask[None, :]
+        w1t = tl.load(w1_ptr + hid[None, :] * D + cols[:, None], mask=wmask, other=0.0)        # [BD, BH]
+        pre = tl.dot(ek_w, w1t, input_precision=PRECISION)
+        pre += tl.load(b1_ptr + hid, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        pre += tl.load(step_ptr + level * H + hid, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        w2t = tl.load(w2_ptr + cols[None, :] * H + hid[:, None], mask=tl.trans(wmask), other=0.0)     # [BH, BD]
+        acc = tl.dot(_gelu(pre).to(wdt), w2t, acc, input_precision=PRECISION)
+    return acc + tl.load(b2_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _load_rows(row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr, start, R: tl.constexpr):
+    """The rows start..start+R of the depth-sorted row map: user, position, depth, first pair."""
+    rows = start + tl.arange(0, R)
+    row_mask = rows < tl.load(num_rows_ptr)
+    user = tl.load(row_user_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    pos = tl.load(row_pos_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    depth = tl.where(row_mask, tl.load(depth_ptr + user, mask=row_mask, other=0), -1)
+    pair0 = tl.load(offsets_ptr + user, mask=row_mask, other=0).to(tl.int64)
+    return row_mask, user, pos, depth, pair0
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit(do_not_specialize=["L", "D", "H"])
+def _trajectory_fwd_kernel(
+    e0_ptr, noise_ptr, seed_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr,
+    sqrt_abar_ptr, sqrt_1m_abar_ptr, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr,
+    ehat_ptr, loss_part_ptr,
+    L, D, H,
+    R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_mask, user, pos, depth, pair0 = _load_rows(row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr,
+                                                   offsets_ptr, pid * R, R)
+    cols = tl.arange(0, BD)
+    col_mask = cols < D
+    mask = row_mask[:, None] & col_mask[None, :]
+    x0 = tl.load(e0_ptr + (user * L + pos)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out_dt = ehat_ptr.dtype.element_ty
+    # Level 0 is E^0 itself.
+    tl.store(ehat_ptr + (pair0 * L + pos)[:, None] * D + cols[None, :], x0.to(out_dt), mask=mask)
+    seed = tl.load(seed_ptr)
+    loss = tl.zeros((R,), dtype=tl.float32)
+    for level in range(1, tl.max(depth) + 1):
+        active = row_mask & (level <= depth)
+        a = tl.load(sqrt_abar_ptr + level).to(tl.float32)
+        s = tl.load(sqrt_1m_abar_ptr + level).to(tl.float32)
+        pair = pair0 + level
+        eps = _level_noise(seed, noise_ptr, pair, pos, cols, active, col_mask, L, D, NOISE_MODE)
+        ek = a * x0 + s * eps
+        eps_hat = _denoiser_eps_hat(ek, level, cols, col_mask, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr,
+                                    D, H, BH, PRECISION)
+        amask = active[:, None] & col_mask[None, :]
+        ehat = (ek - s * eps_hat) / a
+        tl.store(ehat_ptr + (pair * L + pos)[:, None] * D + cols[None, :], ehat.to(out_dt), mask=amask)
+        err = tl.where(amask, eps_hat - eps, 0.0)
+        loss += tl.sum(err * err, axis=1)
+    tl.store(loss_part_ptr + pid, tl.sum(loss, axis=0) / D)
+
+
+@triton.jit(do_not_specialize=["L", "D", "H"])
+def _trajectory_bwd_rows_kernel(
+    e0_ptr, noise_ptr, seed_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr,
+    sqrt_abar_ptr, sqrt_1m_abar_ptr, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr,
+    grad_ehat_ptr, loss_coef_ptr, de0_ptr, deps_hat_ptr,
+    L, D, H,
+    R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_mask, user, pos, depth, pair0 = _load_rows(row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr,
+                                                   offsets_ptr, pid * R, R)
+    cols = tl.arange(0, BD)
+    col_mask = cols < D
+    mask = row_mask[:, None] & col_mask[None, :]
+    x0 = tl.load(e0_ptr + (user * L + pos)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dx0 = tl.load(grad_ehat_ptr + (pair0 * L + pos)[:, None] * D + cols[None, :], mask=mask,
+                  other=0.0).to(tl.float32)
+    seed = tl.load(seed_ptr)
+    # dL/d eps_hat from L_deno = sum ||eps_hat - eps||^2 / (D * count), times the incoming grad.
+    loss_coef = tl.load(loss_coef_ptr)
+    wdt = w1_ptr.dtype.element_ty
+    for level in range(1, tl.max(depth) + 1):
+        active = row_mask & (level <= depth)
+        amask = active[:, None] & col_mask[None, :]
+        a = tl.load(sqrt_abar_ptr + level).to(tl.float32)
+        s = tl.load(sqrt_1m_abar_ptr + level).to(tl.float32)
+        pair = pair0 + level
+        eps = _level_noise(seed, noise_ptr, pair, pos, cols, active, col_mask, L, D, NOISE_MODE)
+        ek = a * x0 + s * eps
+        eps_hat = _denoiser_eps_hat(ek, level, cols, col_mask, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr,
+                                    D, H, BH, PRECISION)
+        out_offs = (pair * L + pos)[:, None] * D + cols[None, :]
+        g = tl.load(grad_ehat_ptr + out_offs, mask=amask, other=0.0).to(tl.float32)
+        # Ehat = (ek - s eps_hat) / a
+        d_eps_hat = tl.where(amask, -(s / a) * g + loss_coef * (eps_hat - eps), 0.0)
+        tl.store(deps_hat_ptr + out_offs, d_eps_hat, mask=amask)
+        d_ek = g / a
+        d_eps_hat_w = d_eps_hat.to(wdt)
+        ek_w = ek.to(wdt)
+        for h0 in range(0, H, BH):
+            hid = h0 + tl.arange(0, BH)
+            hmask = hid < H
+            wmask = col_mask[:, None] & hmask[None, :]
+            w1t = tl.load(w1_ptr + hid[None, :] * D + cols[:, None], mask=wmask, other=0.0)    # [BD, BH]
+            pre = tl.dot(ek_w, w1t, input_precision=PRECISION)
+            pre += tl.load(b1_ptr + hid, mask=hmask, other=0.0).to(tl.float32)[None, :]
+            pre += tl.load(step_ptr + level * H + hid, mask=hmask, other=0.0).to(tl.float32)[None, :]
+            w2 = tl.load(w2_ptr + cols[:, None] * H + hid[None, :], mask=wmask, other=0.0)     # [BD, BH]
+            d_pre = tl.dot(d_eps_hat_w, w2, input_precision=PRECISION) * _gelu_grad(pre)
+            d_ek = tl.dot(d_pre.to(wdt), tl.trans(w1t), d_ek, input_precision=PRECISION)
+        dx0 += a * d_ek
+    tl.store(de0_ptr + (user * L + pos)[:, None] * D + cols[None, :], dx0.to(de0_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["L", "D", "H", "num_blocks"])
+def _trajectory_bwd_weights_kernel(
+    e0_ptr, noise_ptr, seed_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr,
+    sqrt_abar_ptr, sqrt_1m_abar_ptr, w1_ptr, b1_ptr, step_ptr, w2_ptr,
+    deps_hat_ptr, dw1_part_ptr, db1_part_ptr, dstep_part_ptr, dw2_part_ptr, db2_part_ptr,
+    L, D, H, num_blocks,
+    R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, LEVELS: tl.constexpr, SPLITS: tl.constexpr,
+    NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = tl.arange(0, BD)
+    col_mask = cols < D
+    hid = chunk * BH + tl.arange(0, BH)
+    hmask = hid < H
+    wmask = col_mask[:, None] & hmask[None, :]
+    wdt = w1_ptr.dtype.element_ty
+    w1t = tl.load(w1_ptr + hid[None, :] * D + cols[:, None], mask=wmask, other=0.0)            # [BD, BH]
+    w2 = tl.load(w2_ptr + cols[:, None] * H + hid[None, :], mask=wmask, other=0.0)             # [BD, BH]
+    b1 = tl.load(b1_ptr + hid, mask=hmask, other=0.0).to(tl.float32)
+    seed = tl.load(seed_ptr)
+    level_ids = tl.arange(0, LEVELS)
+    dw1t = tl.zeros((BD, BH), dtype=tl.float32)   # dW1^T chunk
+    dw2 = tl.zeros((BD, BH), dtype=tl.float32)
+    db1 = tl.zeros((BH,), dtype=tl.float32)
+    db2 = tl.zeros((BD,), dtype=tl.float32)
+    dstep = tl.zeros((LEVELS, BH), dtype=tl.float32)
+    for block in range(split, num_blocks, SPLITS):
+        row_mask, user, pos, depth, pair0 = _load_rows(row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr,
+                                                       offsets_ptr, block * R, R)
+        if tl.max(depth) >= 1:
+            mask = row_mask[:, None] & col_mask[None, :]
+            x0 = tl.load(e0_ptr + (user * L + pos)[:, None] * D + cols[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+            for level in range(1, tl.max(depth) + 1):
+                active = row_mask & (level <= depth)
+                amask = active[:, None] & col_mask[None, :]
+                a = tl.load(sqrt_abar_ptr + level).to(tl.float32)
+                s = tl.load(sqrt_1m_abar_ptr + level).to(tl.float32)
+                pair = pair0 + level
+                eps = _level_noise(seed, noise_ptr, pair, pos, cols, active, col_mask, L, D, NOISE_MODE)
+                ek_w = (a * x0 + s * eps).to(wdt)
+                pre = tl.dot(ek_w, w1t, input_precision=PRECISION) + b1[None, :]
+                pre += tl.load(step_ptr + level * H + hid, mask=hmask, other=0.0).to(tl.float32)[None, :]
+                d_eps_hat = tl.load(deps_hat_ptr + (pair * L + pos)[:, None] * D + cols[None, :], mask=amask,
+                                    other=0.0)
+                d_eps_hat_w = d_eps_hat.to(wdt)
+                d_pre = tl.dot(d_eps_hat_w, w2, input_precision=PRECISION) * _gelu_grad(pre)
+                d_pre = tl.where(active[:, None], d_pre, 0.0)
+                dw1t = tl.dot(tl.trans(ek_w), d_pre.to(wdt), dw1t, input_precision=PRECISION)
+                dw2 = tl.dot(tl.trans(d_eps_hat_w), _gelu(pre).to(wdt), dw2, input_precision=PRECISION)
+                d_pre_sum = tl.sum(d_pre, axis=0)
+                db1 += d_pre_sum
+                dstep += tl.where(level_ids[:, None] == level, d_pre_sum[None, :], 0.0)
+                db2 += tl.sum(d_eps_hat, axis=0)
+    # Partial sums of this row split; the SPLITS partials are reduced by the launcher.
+    tl.store(dw1_part_ptr + split * H * D + hid[None, :] * D + cols[:, None], dw1t, mask=wmask)
+    tl.store(dw2_part_ptr + split * D * H + cols[:, None] * H + hid[None, :], dw2, mask=wmask)
+    tl.store(db1_part_ptr + split * H + hid, db1, mask=hmask)
+    tl.store(dstep_part_ptr + split * LEVELS * H + level_ids[:, None] * H + hid[None, :], dstep,
+             mask=hmask[None, :])
+    if chunk == 0:
+        tl.store(db2_part_ptr + split * D + cols, db2, mask=col_mask)
+
+
+@triton.jit(do_not_specialize=["L", "D"])
+def _noise_kernel(seed_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr, noise_ptr,
+                  L, D, R: tl.constexpr, BD: tl.constexpr, MAX_LEVEL: tl.constexpr):
+    """Writes the noise the trajectory kernels draw, for testing the RNG stream."""
+    pid = tl.program_id(0)
+    row_mask, _, pos, depth, pair0 = _load_rows(row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr,
+                                                offsets_ptr, pid * R, R)
+    cols = tl.arange(0, BD)
+    col_mask = cols < D
+    seed = tl.load(seed_ptr)
+    for level in range(1, MAX_LEVEL + 1):
+        active = row_mask & (level <= depth)
+        pair = pair0 + level
+        eps = _level_noise(seed, noise_ptr, pair, pos, cols, active, col_mask, L, D, 0)
+        tl.store(noise_ptr + (pair * L + pos)[:, None] * D + cols[None, :], eps,
+                 mask=active[:, None] & col_mask[None, :])
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+class _Layout:
+    """Depth-sorted row map of the valid positions, built on the device without host syncs."""
+
+    def __init__(self, lengths: torch.Tensor, pair_user: torch.Tensor, batch: int, length: int):
+        device = pair_user.device
+        counts = torch.zeros(batch, dtype=torch.int64, device=device).index_add_(
+            0, pair_user, torch.ones_like(pair_user))
+        self.depth = (counts - 1).to(torch.int32)
+        self.offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        lengths = lengths.to(device=device, dtype=torch.int64)
+        order = torch.argsort(counts, stable=True)
+        row_start = F.pad(lengths[order].cumsum(0), (1, 0))
+        rows = torch.arange(batch * length, device=device)
+        slot = torch.searchsorted(row_start[1:], rows, right=True).clamp_max(batch - 1)
+        user = order[slot]
+        self.row_user = user.to(torch.int32)
+        self.row_pos = (length - lengths[user] + rows - row_start[slot]).clamp(0, length - 1).to(torch.int32)
+        self.num_rows = row_start[-1:].to(torch.int32)
+        # Rows entering L_deno: valid positions at levels >= 1.
+        self.noisy_rows = (lengths * (counts - 1)).sum().to(torch.float32).clamp_min(1.0)
+        self.max_rows = batch * length
+
+
+def _config(d: int, h: int, dtype: torch.dtype) -> dict:
+    block_d = max(16, triton.next_power_of_2(d))
+    # Rows per program and hidden chunk: [R, BD] fp32 accumulators plus one [BD, BH] weight chunk.
+    rows = 32 if block_d <= 128 else 16
+    block_h = 64 if block_d <= 128 else 32
+    block_h = min(block_h, max(16, triton.next_power_of_2(h)))
+    # fp32 inputs: IEEE products to match the eager twin (tl.dot defaults to TF32 on GPUs).
+    precision = "ieee" if dtype == torch.float32 else None
+    return {"R": rows, "BD": block_d, "BH": block_h, "PRECISION": precision}
+
+
+def _weight_splits(device: torch.device, num_chunks: int, num_blocks: int) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(num_blocks, (2 * sms) // max(1, num_chunks)))
+    return 2
+
+
+def _noise_mode(noise, zero_noise) -> int:
+    if zero_noise:
+        return NOISE_ZERO
+    return NOISE_RNG if noise is None else NOISE_GIVEN
+
+
+class FusedTrajectory(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_1m_abar, w1, b1, step_table, w2, b2,
+                noise, seed, zero_noise):
+        batch, length, d = e0.shape
+        h = w1.shape[0]
+        e0 = e0.contiguous()
+        w1, b1, step_table, w2, b2 = (t.contiguous() for t in (w1, b1, step_table, w2, b2))
+        mode = _noise_mode(noise, zero_noise)
+        noise_arg = noise.contiguous() if mode == NOISE_GIVEN else e0
+        layout = _Layout(lengths, pair_user, batch, length)
+        cfg = _config(d, h, e0.dtype)
+        grid = (triton.cdiv(layout.max_rows, cfg["R"]),)
+        ehat = torch.zeros((pair_user.numel(), length, d), dtype=e0.dtype, device=e0.device)
+        loss_part = torch.empty(grid[0], dtype=torch.float32, device=e0.device)
+        sa = sqrt_abar.to(device=e0.device, dtype=torch.float32).contiguous()
+        s1m = sqrt_1m_abar.to(device=e0.device, dtype=torch.float32).contiguous()
+        _trajectory_fwd_kernel[grid](
+            e0, noise_arg, seed, layout.row_user, layout.row_pos, layout.num_rows, layout.depth, layout.offsets,
+            sa, s1m, w1, b1, step_table, w2, b2, ehat, loss_part, length, d, h,
+            NOISE_MODE=mode, **cfg,
+        )
+        loss = loss_part.sum() / layout.noisy_rows
+        ctx.save_for_backward(e0, noise if mode == NOISE_GIVEN else None, seed, sa, s1m, w1, b1, step_table, w2, b2)
+        ctx.layout, ctx.cfg, ctx.mode = layout, cfg, mode
+        ctx.step_dtype, ctx.levels = step_table.dtype, step_table.shape[0]
+        return ehat, loss
+
+    @staticmethod
+    def backward(ctx, grad_ehat, grad_loss):
+        e0, noise, seed, sa, s1m, w1, b1, step_table, w2, b2 = ctx.saved_tensors
+        layout, cfg, mode = ctx.layout, ctx.cfg, ctx.mode
+        _, length, d = e0.shape
+        h = w1.shape[0]
+        noise_arg = noise if noise is not None else e0
+        grad_ehat = grad_ehat.contiguous()
+        loss_coef = (grad_loss.float() * 2.0 / (d * layout.noisy_rows)).reshape(1)
+        de0 = torch.zeros_like(e0)
+        deps_hat = torch.empty(grad_ehat.shape, dtype=torch.float32, device=e0.device)
+        num_blocks = triton.cdiv(layout.max_rows, cfg["R"])
+        _trajectory_bwd_rows_kernel[(num_blocks,)](
+            e0, noise_arg, seed, layout.row_user, layout.row_pos, layout.num_rows, layout.depth, layout.offsets,
+            sa, s1m, w1, b1, step_table, w2, b2, grad_ehat, loss_coef, de0, deps_hat, length, d, h,
+            NOISE_MODE=mode, **cfg,
+        )
+        num_chunks = triton.cdiv(h, cfg["BH"])
+        splits = _weight_splits(e0.device, num_chunks, num_blocks)
+        levels = max(16, triton.next_power_of_2(ctx.levels))
+        f32 = {"dtype": torch.float32, "device": e0.device}
+        dw1 = torch.empty((splits, h, d), **f32)
+        dw2 = torch.empty((splits, d, h), **f32)
+        db1 = torch.empty((splits, h), **f32)
+        db2 = torch.empty((splits, d), **f32)
+        dstep = torch.empty((splits, levels, h), **f32)
+        _trajectory_bwd_weights_kernel[(num_chunks, splits)](
+            e0, noise_arg, seed, layout.row_user, layout.row_pos, layout.num_rows, layout.depth, layout.offsets,
+            sa, s1m, w1, b1, step_table, w2, deps_hat, dw1, db1, dstep, dw2, db2, length, d, h, num_blocks,
+            R=cfg["R"], BD=cfg["BD"], BH=cfg["BH"], LEVELS=levels, SPLITS=splits, NOISE_MODE=mode,
+            PRECISION=cfg["PRECISION"],
+        )
+        wdt = w1.dtype
+        return (de0, None, None, None, None, None, dw1.sum(0).to(wdt), db1.sum(0).to(b1.dtype),
+                dstep.sum(0)[: ctx.levels].to(ctx.step_dtype), dw2.sum(0).to(w2.dtype), db2.sum(0).to(b2.dtype),
+                None, None, None)
+
+
+def _as_seed_tensor(seed, generator, device) -> torch.Tensor:
+    if seed is None:
+        # Drawn on the device from torch's RNG: reproducible under torch.manual_seed, no host sync.
+        return torch.randint(0, 2**62, (1,), generator=generator, device=device, dtype=torch.int64)
+    if isinstance(seed, torch.Tensor):
+        return seed.to(device=device, dtype=torch.int64).reshape(1)
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
+def _check(e0, lengths, pair_user, pair_level, sqrt_abar, w1, step_table, w2, noise) -> None:
+    if e0.dim() != 3:
+        raise ValueError(f"e0 must be [B, L, D], got shape {tuple(e0.shape)}")
+    if e0.device.type != "cuda" and not triton_interpreter_enabled():
+        raise RuntimeError("the fused trajectory runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
+                           f"got e0 on {e0.device}")
+    if e0.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"e0 must be float32, bfloat16 or float16, got {e0.dtype}")
+    batch, length, d = e0.shape
+    h = w1.shape[0]
+    if tuple(w1.shape) != (h, d) or tuple(w2.shape) != (d, h) or step_table.shape[-1] != h:
+        raise ValueError(f"denoiser weights do not fit D={d}: w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, "
+                         f"step_table {tuple(step_table.shape)}")
+    if step_table.shape[0] != sqrt_abar.numel():
+        raise ValueError(f"step_table has {step_table.shape[0]} levels, the schedule {sqrt_abar.numel()}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must be [B={batch}], got {tuple(lengths.shape)}")
+    if pair_user.shape != pair_level.shape or pair_user.dim() != 1:
+        raise ValueError("pair_user and pair_level must be 1-D and of the same length")
+    if noise is not None and tuple(noise.shape) != (pair_user.numel(), length, d):
+        raise ValueError(f"noise must be [P, L, D] = {(pair_user.numel(), length, d)}, got {tuple(noise.shape)}")
+
+
+def triton_interpreter_enabled() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fused_diffusion_trajectory(
+    e0: torch.Tensor,
+    lengths: torch.Tensor,
+    pair_user: torch.Tensor,
+    pair_level: torch.Tensor,
+    sqrt_abar: torch.Tensor,
+    sqrt_one_minus_abar: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    step_table: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | torch.Tensor | None = None,
+    zero_noise: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused twin of `adarec.diffusion.diffusion_trajectory` (same arguments and results).
+
+    The pairs must follow the packed layout (sorted by user, levels 0..T_u contiguous, as
+    `adarec.diffusion.pack_levels` builds them). Noise comes from Philox keyed by `seed`
+    (drawn from torch's RNG, or `generator`, when not given); `noise` replaces it exactly.
+    """
+    _check(e0, lengths, pair_user, pair_level, sqrt_abar, w1, step_table, w2, noise)
+    if pair_user.numel() == 0:
+        return e0.new_zeros((0, *e0.shape[1:])), e0.sum() * 0.0
+    seed_t = _as_seed_tensor(seed, generator, e0.device)
+    return FusedTrajectory.apply(e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar, w1, b1,
+                                 step_table, w2, b2, noise, seed_t, zero_noise)
+
+
+def trajectory_noise(e0: torch.Tensor, lengths: torch.Tensor, pair_user: torch.Tensor, max_level: int,
+                     seed: int | torch.Tensor) -> torch.Tensor:
+    """The [P, L, D] noise the fused kernels draw for these pairs and seed (zero where unused:
+    level-0 rows and padding). For tests of the RNG stream; training never materialises it."""
+    batch, length, d = e0.shape
+    layout = _Layout(lengths, pair_user, batch, length)
+    cfg = _config(d, 4 * d, torch.float32)
+    out = torch.zeros((pair_user.numel(), length, d), dtype=torch.float32, device=e0.device)
+    _noise_kernel[(triton.cdiv(layout.max_rows, cfg["R"]),)](
+        _as_seed_tensor(seed, None, e0.device), layout.row_user, layout.row_pos, layout.num_rows, layout.depth,
+        layout.offsets, out, length, d, R=cfg["R"], BD=cfg["BD"], MAX_LEVEL=max_level,
+    )
+    return out

@@ -1,0 +1,278 @@
+"""The fused Triton trajectory (kernels/trajectory.py) against its eager twin
+(adarec/diffusion.py). Without CUDA the kernels run under TRITON_INTERPRET=1 (set in conftest)
+on tiny float32 shapes; with CUDA the same tests run compiled, and the `gpu` tests add bf16
+and a convergence comparison."""
+
+import pytest
+import torch
+from adarec.kernels.trajectory import fused_diffusion_trajectory, trajectory_noise
+from test_adarec import batch_for, make_model
+
+from adarec.backends import resolve_backend, trajectory_function
+from adarec.config import ConfigError, RunConfig, apply_overrides
+from adarec.diffusion import diffusion_trajectory, level_tables, pack_levels
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+WEIGHT_NAMES = ("w1", "b1", "step_table", "w2", "b2")
+
+
+def make_problem(lengths, depths, length, dim, width, max_depth, seed=0, dtype=torch.float32):
+    """A left-padded E^0 with the given ragged lengths, its packed pairs and denoiser weights."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    batch = lengths.numel()
+    e0 = torch.randn(batch, length, dim, generator=g)
+    padding = torch.arange(length)[None, :] < (length - lengths)[:, None]
+    e0[padding] = 0.0
+    packed = pack_levels(torch.tensor(depths))
+    sqrt_abar, sqrt_one_minus = level_tables(max_depth)
+    weights = {
+        "w1": torch.randn(width, dim, generator=g) / dim**0.5,
+        "b1": 0.1 * torch.randn(width, generator=g),
+        "step_table": 0.1 * torch.randn(max_depth + 1, width, generator=g),
+        "w2": torch.randn(dim, width, generator=g) / width**0.5,
+        "b2": 0.1 * torch.randn(dim, generator=g),
+    }
+    noise = torch.randn(packed.num_pairs, length, dim, generator=g)
+    to = {"device": DEVICE}
+    return {
+        "e0": e0.to(dtype=dtype, **to), "lengths": lengths.to(**to), "pair_user": packed.pair_user.to(**to),
+        "pair_level": packed.pair_level.to(**to), "sqrt_abar": sqrt_abar.to(**to),
+        "sqrt_one_minus_abar": sqrt_one_minus.to(**to),
+        **{k: v.to(dtype=dtype, **to) for k, v in weights.items()}, "noise": noise.to(dtype=dtype, **to),
+    }
+
+
+def run(fn, problem, grad_out=None, loss_weight=3.0, **kw):
+    """Forward and backward of ``fn``; returns (ehat, loss, {input name: grad})."""
+    leaves = {k: problem[k].detach().clone().requires_grad_() for k in ("e0", *WEIGHT_NAMES)}
+    args = {**{k: v for k, v in problem.items() if k != "noise"}, **leaves}
+    ehat, loss = fn(**args, **kw)
+    if grad_out is None:
+        grad_out = torch.randn(ehat.shape, generator=torch.Generator().manual_seed(7)).to(ehat)
+    ((ehat.float() * grad_out.float()).sum() + loss_weight * loss).backward()
+    return ehat.detach(), loss.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+SHAPES = {
+    # lengths include a length-1 user and a full-length one; depths include 0 and T_max
+    "ragged": {"lengths": [1, 7, 3, 5, 2], "depths": [0, 3, 1, 2, 3], "length": 7, "dim": 16, "width": 64,
+               "max_depth": 3},
+    "odd_dims": {"lengths": [4, 1, 9], "depths": [2, 4, 0], "length": 9, "dim": 24, "width": 40, "max_depth": 4},
+    "one_user": {"lengths": [6], "depths": [5], "length": 6, "dim": 16, "width": 32, "max_depth": 5},
+    "all_level_zero": {"lengths": [2, 3], "depths": [0, 0], "length": 4, "dim": 16, "width": 64, "max_depth": 2},
+    "no_diffusion_levels": {"lengths": [3, 1], "depths": [0, 0], "length": 3, "dim": 16, "width": 64, "max_depth": 0},
+    "many_rows": {"lengths": [12, 11, 1, 12, 7, 9, 3], "depths": [1, 2, 3, 0, 3, 2, 1], "length": 12, "dim": 16,
+                      "width": 64, "max_depth": 3},
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_explicit_noise_matches_eager_forward_and_backward(shape):
+    problem = make_problem(**shape)
+    ehat_e, loss_e, grads_e = run(diffusion_trajectory, problem, noise=problem["noise"])
+    ehat_f, loss_f, grads_f = run(fused_diffusion_trajectory, problem, noise=problem["noise"])
+    torch.testing.assert_close(ehat_f, ehat_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_f, loss_e, rtol=1e-5, atol=1e-6)
+    for name in grads_e:
+        torch.testing.assert_close(grads_f[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_padding_rows_are_zero_and_level_zero_rows_are_e0():
+    shape = SHAPES["ragged"]
+    problem = make_problem(**shape)
+    ehat, _, _ = run(fused_diffusion_trajectory, problem, seed=3)
+    lengths = problem["lengths"][problem["pair_user"]]
+    padding = torch.arange(shape["length"], device=DEVICE)[None, :] < (shape["length"] - lengths)[:, None]
+    assert torch.all(ehat[padding] == 0)
+    level0 = problem["pair_level"] == 0
+    assert torch.equal(ehat[level0], problem["e0"][problem["pair_user"][level0]])
+
+
+def test_zero_noise_matches_eager_evaluation_mode():
+    problem = make_problem(**SHAPES["odd_dims"])
+    ehat_e, loss_e, grads_e = run(diffusion_trajectory, problem, zero_noise=True)
+    ehat_f, loss_f, grads_f = run(fused_diffusion_trajectory, problem, zero_noise=True)
+    torch.testing.assert_close(ehat_f, ehat_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_f, loss_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads_f["w1"], grads_e["w1"], rtol=1e-4, atol=1e-5)
+
+
+def test_same_seed_same_results_other_seed_other_noise():
+    problem = make_problem(**SHAPES["ragged"])
+    first = run(fused_diffusion_trajectory, problem, seed=1234)
+    again = run(fused_diffusion_trajectory, problem, seed=1234)
+    other = run(fused_diffusion_trajectory, problem, seed=1235)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    for name in first[2]:
+        assert torch.equal(first[2][name], again[2][name]), name
+    noisy = problem["pair_level"] > 0
+    assert not torch.allclose(first[0][noisy], other[0][noisy])
+
+
+def test_backward_regenerates_the_forward_noise():
+    """With the in-kernel RNG, forward and backward give exactly what they give when the same
+    noise is passed in explicitly: the backward regenerated the forward's noise."""
+    shape = SHAPES["many_rows"]
+    problem = make_problem(**shape)
+    noise = trajectory_noise(problem["e0"], problem["lengths"], problem["pair_user"], shape["max_depth"], seed=99)
+    from_rng = run(fused_diffusion_trajectory, problem, seed=99)
+    from_tensor = run(fused_diffusion_trajectory, problem, noise=noise.to(problem["e0"].dtype))
+    torch.testing.assert_close(from_rng[0], from_tensor[0], rtol=0, atol=0)
+    torch.testing.assert_close(from_rng[1], from_tensor[1], rtol=0, atol=0)
+    for name in from_rng[2]:
+        torch.testing.assert_close(from_rng[2][name], from_tensor[2][name], rtol=0, atol=0, msg=name)
+    # The eager twin fed this noise agrees too, so the RNG path computes the same function.
+    eager = run(diffusion_trajectory, problem, noise=noise.to(problem["e0"].dtype))
+    torch.testing.assert_close(from_rng[1], eager[1], rtol=1e-5, atol=1e-6)
+
+
+def test_noise_is_standard_normal_and_independent_across_pairs():
+    lengths, depths, length, dim = [16] * 6, [4, 4, 4, 4, 4, 4], 16, 32
+    problem = make_problem(lengths, depths, length, dim, 64, 4)
+    noise = trajectory_noise(problem["e0"], problem["lengths"], problem["pair_user"], 4, seed=2024).cpu()
+    levels = problem["pair_level"].cpu()
+    drawn = noise[levels > 0]                                   # [24 pairs, 16, 32]: 12288 values
+    assert torch.all(noise[levels == 0] == 0)
+    assert abs(drawn.mean().item()) < 0.05
+    assert abs(drawn.var().item() - 1.0) < 0.06
+    flat = drawn.reshape(drawn.shape[0], -1)
+    corr = torch.corrcoef(flat)
+    off_diagonal = corr[~torch.eye(flat.shape[0], dtype=torch.bool)]
+    # 512 values per pair: the correlation of independent streams has std ~ 0.044.
+    assert off_diagonal.abs().max().item() < 0.25
+    assert off_diagonal.abs().mean().item() < 0.06
+    # Neighbouring positions and channels of one pair are not correlated either.
+    lag = torch.corrcoef(torch.stack([flat[:, :-1].reshape(-1), flat[:, 1:].reshape(-1)]))[0, 1]
+    assert abs(lag.item()) < 0.05
+
+
+def test_bad_inputs_raise_clear_errors():
+    problem = make_problem(**SHAPES["ragged"])
+    args = {k: v for k, v in problem.items() if k != "noise"}
+    with pytest.raises(ValueError, match="e0 must be"):
+        fused_diffusion_trajectory(**{**args, "e0": args["e0"][0]})
+    with pytest.raises(ValueError, match="denoiser weights"):
+        fused_diffusion_trajectory(**{**args, "w1": args["w1"][:, :-1]})
+    with pytest.raises(ValueError, match="noise must be"):
+        fused_diffusion_trajectory(**args, noise=problem["noise"][:-1])
+    with pytest.raises(ValueError, match="lengths must be"):
+        fused_diffusion_trajectory(**{**args, "lengths": args["lengths"][:-1]})
+
+
+# ----------------------------------------------------------------------------- backend choice
+
+
+def test_backend_resolution_and_environment_override(monkeypatch):
+    monkeypatch.delenv("ADAREC_KERNELS", raising=False)
+    assert resolve_backend("eager") == "eager"
+    assert trajectory_function("eager", DEVICE) is diffusion_trajectory
+    assert trajectory_function("fused", DEVICE) is fused_diffusion_trajectory
+    monkeypatch.setenv("ADAREC_KERNELS", "eager")
+    assert trajectory_function("fused", DEVICE) is diffusion_trajectory
+    monkeypatch.setenv("ADAREC_KERNELS", "fast")
+    with pytest.raises(ValueError, match="ADAREC_KERNELS"):
+        resolve_backend("auto")
+
+
+def test_auto_is_eager_on_cpu_and_fused_without_a_way_to_run_raises(monkeypatch):
+    monkeypatch.delenv("ADAREC_KERNELS", raising=False)
+    cpu = torch.device("cpu")
+    assert trajectory_function("auto", cpu) is diffusion_trajectory
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        trajectory_function("fused", cpu)
+
+
+def test_config_rejects_an_unknown_backend():
+    cfg = RunConfig()
+    assert cfg.kernels.backend == "auto"
+    with pytest.raises(ConfigError, match="kernels.backend"):
+        apply_overrides(cfg, ["kernels.backend=triton"])
+
+
+# ----------------------------------------------------------------------------- in the model
+
+
+def test_adarec_fused_and_eager_backends_agree_when_scoring(monkeypatch):
+    monkeypatch.delenv("ADAREC_KERNELS", raising=False)
+    eager = make_model(seed=4).to(DEVICE).eval()
+    fused = make_model(seed=4).to(DEVICE).eval()
+    eager.kernel_backend, fused.kernel_backend = "eager", "fused"
+    ids = batch_for()["input_ids"].to(DEVICE)
+    torch.testing.assert_close(fused.score(ids), eager.score(ids), rtol=1e-5, atol=1e-5)
+
+
+def train_losses(backend, steps, seed=0, lr=1e-2):
+    model = make_model(seed=seed).to(DEVICE).train()
+    model.kernel_backend = backend
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    batch = {k: v.to(DEVICE) for k, v in batch_for().items()}
+    losses = []
+    torch.manual_seed(seed + 1)
+    for _ in range(steps):
+        loss, _ = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_short_training_with_fused_and_eager_backends(monkeypatch):
+    """Fused and eager draw different noise streams, so the curves agree in trend and level,
+    not bit for bit; the explicit-noise tests above pin the arithmetic."""
+    monkeypatch.delenv("ADAREC_KERNELS", raising=False)
+    fused, eager = train_losses("fused", 12), train_losses("eager", 12)
+    assert fused[-1] < fused[0] and eager[-1] < eager[0]
+    assert abs(fused[0] - eager[0]) < 0.05 * abs(eager[0])
+    assert abs(sum(fused[-4:]) - sum(eager[-4:])) < 0.1 * abs(sum(eager[-4:]))
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+def bf16_tolerance_check(fused, eager_bf16, reference, atol):
+    """flash-attention's rule: the bf16 kernel is at most twice as far from the fp32 reference
+    as the bf16 eager path is, plus a small absolute slack."""
+    fused, eager_bf16, reference = fused.float(), eager_bf16.float(), reference.float()
+    bound = 2 * (eager_bf16 - reference).abs().max() + atol
+    assert (fused - reference).abs().max() <= bound, ((fused - reference).abs().max().item(), bound.item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_bf16_matches_fp32_reference_within_twice_eager_bf16_error(dim):
+    shape = {"lengths": [1, 50, 13, 7, 31, 2, 50, 9], "depths": [0, 8, 3, 5, 8, 1, 2, 6], "length": 50, "dim": dim,
+                 "width": 4 * dim, "max_depth": 8}
+    reference = make_problem(**shape, dtype=torch.float32)
+    half = make_problem(**shape, dtype=torch.bfloat16)
+    grad_out = torch.randn(reference["noise"].shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ref = run(diffusion_trajectory, reference, grad_out=grad_out, noise=reference["noise"])
+    eager = run(diffusion_trajectory, half, grad_out=grad_out, noise=half["noise"])
+    fused = run(fused_diffusion_trajectory, half, grad_out=grad_out, noise=half["noise"])
+    bf16_tolerance_check(fused[0], eager[0], ref[0], atol=1e-2)
+    bf16_tolerance_check(fused[1], eager[1], ref[1], atol=1e-3)
+    for name in ref[2]:
+        scale = ref[2][name].abs().max().item()
+        bf16_tolerance_check(fused[2][name], eager[2][name], ref[2][name], atol=1e-2 * scale)
+
+
+@pytest.mark.gpu
+def test_fp32_rng_path_runs_compiled_and_is_reproducible():
+    shape = {"lengths": [5, 50, 1, 23], "depths": [8, 0, 3, 8], "length": 50, "dim": 128, "width": 512, "max_depth": 8}
+    problem = make_problem(**shape)
+    first = run(fused_diffusion_trajectory, problem, seed=5)
+    again = run(fused_diffusion_trajectory, problem, seed=5)
+    assert torch.equal(first[0], again[0])
+    for name in first[2]:
+        assert torch.equal(first[2][name], again[2][name]), name
+
+
+@pytest.mark.gpu
+def test_convergence_fused_vs_eager_few_hundred_steps(monkeypatch):
+    monkeypatch.delenv("ADAREC_KERNELS", raising=False)
+    fused, eager = train_losses("fused", 300, lr=3e-3), train_losses("eager", 300, lr=3e-3)
+    assert fused[-1] < fused[0] and eager[-1] < eager[0]
+    tail_fused, tail_eager = sum(fused[-50:]) / 50, sum(eager[-50:]) / 50
+    assert abs(tail_fused - tail_eager) < 0.05 * abs(tail_eager) + 0.02
