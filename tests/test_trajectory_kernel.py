@@ -276,3 +276,25 @@ def test_convergence_fused_vs_eager_few_hundred_steps(monkeypatch):
     assert fused[-1] < fused[0] and eager[-1] < eager[0]
     tail_fused, tail_eager = sum(fused[-50:]) / 50, sum(eager[-50:]) / 50
     assert abs(tail_fused - tail_eager) < 0.05 * abs(tail_eager) + 0.02
+
+
+# ----------------------------------------------------------------------------- benchmark script
+
+
+def test_benchmark_script_writes_its_tables(tmp_path):
+    """A smoke run of profiling/bench_trajectory.py at a tiny shape (speed is measured on a GPU)."""
+    import csv
+
+    from adarec.profiling.bench_trajectory import main
+
+    rows = main(["--batch", "3", "--dim", "16", "--max-depth", "2", "--dtype", "fp32", "--device", str(DEVICE),
+                 "--warmup", "0", "--repeats", "2", "--out", str(tmp_path)])
+    assert [r["backend"] for r in rows] == ["eager", "fused"]
+    with (tmp_path / "trajectory_fp32_D16.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 2
+    for column in ("median_ms", "iqr_ms", "peak_mem_mib", "device", "torch", "triton", "date", "commit",
+                   "speedup_vs_eager", "valid_rows"):
+        assert column in table[0]
+    assert float(table[0]["speedup_vs_eager"]) == 1.0
+    assert (tmp_path / "trajectory_fp32_D16.md").read_text().startswith("| op | backend |")
