@@ -1,11 +1,45 @@
-"""Install adarec as one import namespace.
+"""Install adarec as one import namespace, with the native gated-fusion operator.
 
 kernels/, engine/ and profiling/ live at the top level of the repository (one folder per kind of
 work) but are imported as adarec.kernels, adarec.engine and adarec.profiling via package_dir.
-Nothing here builds CUDA code: the native extension arrives with csrc/ and is optional.
+
+csrc/ builds `adarec._C`: a CUDA extension (CPU + CUDA implementations) where nvcc and a CUDA
+build of torch are present, a C++ CPU extension otherwise. torch must already be installed, so
+install with `pip install --no-build-isolation -e .` (see the README). ADAREC_NO_EXT=1 skips
+the native build entirely; adarec then uses the eager fusion or builds the operator at run
+time (adarec/ops.py).
 """
 
+import os
+from pathlib import Path
+
 from setuptools import setup
+
+
+def native_extensions() -> tuple[list, dict]:
+    if os.environ.get("ADAREC_NO_EXT", "0") not in ("", "0"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("adarec: torch is not importable at build time, skipping the native operator "
+              "(install with --no-build-isolation to build it)")
+        return [], {}
+    sources = ["csrc/gated_fusion.cpp"]
+    flags = {"cxx": ["-O3", "-std=c++17"]}
+    use_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if use_cuda:
+        sources.append("csrc/gated_fusion_cuda.cu")
+        flags["nvcc"] = ["-O3", "-std=c++17"]
+        ext = cpp_extension.CUDAExtension("adarec._C", sources, extra_compile_args=flags)
+    else:
+        ext = cpp_extension.CppExtension("adarec._C", sources, extra_compile_args=flags)
+    ext.include_dirs.append(str(Path(__file__).resolve().parent / "csrc"))
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+EXTENSIONS, CMDCLASS = native_extensions()
 
 PACKAGES = {
     "adarec": "adarec",
@@ -39,4 +73,6 @@ setup(
     ],
     extras_require={"dev": ["pytest>=7.4", "ruff>=0.5"]},
     entry_points={"console_scripts": ["adarec=adarec.cli:main"]},
+    ext_modules=EXTENSIONS,
+    cmdclass=CMDCLASS,
 )

@@ -1,7 +1,8 @@
 """Choosing between a fused op and its eager twin (`kernels.backend`, env ADAREC_KERNELS).
 
-auto   the fused op where it can run (CUDA tensors and an importable Triton), else the eager
-       twin; a fallback on CUDA is logged once, since it costs speed.
+auto   the fused op where it can run, else the eager twin. The Triton trajectory runs on CUDA
+       tensors; the native gated fusion (csrc/) wherever its library is loaded and has a kernel
+       for the device. A fallback that costs speed is logged once.
 fused  the fused op, or a clear error saying why it cannot run here. On CPU the Triton kernels
        run only under TRITON_INTERPRET=1 (tests).
 eager  the reference PyTorch functions in adarec/diffusion.py and adarec/fusion.py.
@@ -17,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from adarec.diffusion import diffusion_trajectory
+from adarec.fusion import gated_fusion
 
 BACKENDS = ("auto", "fused", "eager")
 ENV_VAR = "ADAREC_KERNELS"
@@ -71,3 +73,31 @@ def trajectory_function(backend: str, device: torch.device) -> Callable:
         _warn_once(f"kernels.backend=auto: using the eager trajectory, the fused one cannot be loaded ({fused})")
         return diffusion_trajectory
     return fused
+
+
+def _native_fusion_problem(device: torch.device) -> str | None:
+    from adarec import ops
+
+    try:
+        ops.load_native()
+    except ops.NativeOpUnavailable as exc:
+        return str(exc)
+    if not ops.native_supports(device):
+        return f"the native library has no {device.type.upper()} kernel (a CPU-only build)"
+    return None
+
+
+def fusion_function(backend: str, device: torch.device) -> Callable:
+    """The gated-fusion implementation to use for tensors on ``device``."""
+    backend = resolve_backend(backend)
+    if backend == "eager":
+        return gated_fusion
+    from adarec import ops
+
+    problem = _native_fusion_problem(device)
+    if problem is None:
+        return ops.gated_fusion
+    if backend == "fused":
+        raise RuntimeError(f"kernels.backend=fused: the native gated fusion cannot run here: {problem}")
+    _warn_once(f"kernels.backend=auto: using the eager gated fusion ({problem})")
+    return gated_fusion

@@ -30,9 +30,11 @@ def batch_for(num_items=NUM_ITEMS, b=5, length=MAX_LEN, seed=0):
     return synthetic_batch(num_items, b, length, seed)
 
 
-def make_model(seed=0, **kw):
+def make_model(seed=0, backend="eager", **kw):
+    """The model on the reference (eager) ops unless a backend is named: these tests pin the
+    paper's semantics; the fused twins are compared against them in their own test files."""
     torch.manual_seed(seed)
-    model = build_model(small_cfg(**kw), num_items=NUM_ITEMS, max_len=MAX_LEN)
+    model = build_model(small_cfg(**kw), num_items=NUM_ITEMS, max_len=MAX_LEN, kernel_backend=backend)
     assert isinstance(model, ADARec)
     return model
 

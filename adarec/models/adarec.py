@@ -7,9 +7,9 @@ packed batch, an MLP coarse expert, a content-aware router, the depth-masked gat
 -> h, scored against the item embeddings. Loss: L_rec + lambda_deno L_deno + lambda_cont L_cont
 + lambda_expl L_expl + the ELCRec terms (computed on h).
 
-The trajectory is `adarec.diffusion.diffusion_trajectory` or its fused Triton twin, chosen by
-`kernels.backend` (adarec/backends.py); the fusion is `adarec.fusion.gated_fusion`, the seam
-where the C++/CUDA op plugs in.
+The trajectory (`adarec.diffusion.diffusion_trajectory` or its Triton twin) and the fusion
+(`adarec.fusion.gated_fusion` or its C++/CUDA twin `adarec.ops.gated_fusion`) are chosen by
+`kernels.backend` (adarec/backends.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adarec.backends import trajectory_function
+from adarec.backends import fusion_function, trajectory_function
 from adarec.diffusion import Denoiser, PackedLevels, level_tables, pack_levels
-from adarec.fusion import gated_fusion
 
 from .controller import DepthController
 from .elcrec import ELCRec
@@ -100,7 +99,8 @@ class ADARec(ELCRec):
         router_in = torch.cat([pooled, self.level_embedding(packed.pair_level)], dim=-1)
         g = torch.sigmoid(self.router(router_in)).squeeze(-1)
         m = decision.level_masks[packed.pair_user, packed.pair_level].to(g.dtype)
-        h, z_coar = gated_fusion(fine, coarse, g, m, packed.offsets, self.final_gate.weight, self.final_gate.bias)
+        fusion = fusion_function(self.kernel_backend, fine.device)
+        h, z_coar = fusion(fine, coarse, g, m, packed.offsets, self.final_gate.weight, self.final_gate.bias)
         return {"h": h, "z_coar": z_coar, "coarse": coarse, "g": g, "packed": packed,
                 "decision": decision, "l_deno": l_deno}
 

@@ -1,0 +1,66 @@
+// Gated expert fusion (METHOD.md 2.3): shared declarations and input checks of the CPU and CUDA
+// implementations. The eager twin and the definition of every quantity is adarec/fusion.py.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <tuple>
+#include <vector>
+
+namespace adarec {
+
+// Added to the denominators of the weighted means, as in the eager twin.
+constexpr double kFusionEps = 1e-8;
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Checks what every entry point needs: shapes, one device, one floating dtype, int64 offsets,
+// contiguous storage. Each failure names the argument and what is wrong with it.
+inline void check_fusion_inputs(const at::Tensor& fin, const at::Tensor& coar, const at::Tensor& g,
+                                const at::Tensor& m, const at::Tensor& offsets, const at::Tensor& w_gate) {
+  TORCH_CHECK(fin.dim() == 3, "gated_fusion: fin must be [P, L, D], got ", fin.sizes());
+  const auto P = fin.size(0), D = fin.size(2);
+  TORCH_CHECK(coar.dim() == 2 && coar.size(0) == P && coar.size(1) == D,
+              "gated_fusion: coar must be [P, D] = [", P, ", ", D, "], got ", coar.sizes());
+  TORCH_CHECK(g.dim() == 1 && g.size(0) == P, "gated_fusion: g must be [P] = [", P, "], got ", g.sizes());
+  TORCH_CHECK(m.dim() == 1 && m.size(0) == P, "gated_fusion: m must be [P] = [", P, "], got ", m.sizes());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1, "gated_fusion: offsets must be [B + 1], got ",
+              offsets.sizes());
+  TORCH_CHECK(offsets.scalar_type() == at::kLong, "gated_fusion: offsets must be int64, got ",
+              offsets.scalar_type());
+  TORCH_CHECK(w_gate.dim() == 2 && w_gate.size(0) == D && w_gate.size(1) == D,
+              "gated_fusion: w_gate must be [D, D] = [", D, ", ", D, "], got ", w_gate.sizes());
+  TORCH_CHECK(at::isFloatingType(fin.scalar_type()), "gated_fusion: fin must be floating point, got ",
+              fin.scalar_type());
+  const std::vector<std::pair<const char*, const at::Tensor*>> same_dtype = {
+      {"coar", &coar}, {"g", &g}, {"m", &m}, {"w_gate", &w_gate}};
+  for (const auto& [name, t] : same_dtype) {
+    TORCH_CHECK(t->scalar_type() == fin.scalar_type(), "gated_fusion: ", name, " must have fin's dtype ",
+                fin.scalar_type(), ", got ", t->scalar_type());
+  }
+  const std::vector<std::pair<const char*, const at::Tensor*>> all = {
+      {"fin", &fin}, {"coar", &coar}, {"g", &g}, {"m", &m}, {"offsets", &offsets}, {"w_gate", &w_gate}};
+  for (const auto& [name, t] : all) {
+    TORCH_CHECK(t->device() == fin.device(), "gated_fusion: ", name, " is on ", t->device(),
+                " but fin is on ", fin.device());
+    TORCH_CHECK(t->is_contiguous(), "gated_fusion: ", name, " must be contiguous");
+  }
+}
+
+inline void check_gate_bias(const at::Tensor& b_gate, const at::Tensor& fin) {
+  TORCH_CHECK(b_gate.dim() == 1 && b_gate.size(0) == fin.size(2), "gated_fusion: b_gate must be [D] = [",
+              fin.size(2), "], got ", b_gate.sizes());
+  TORCH_CHECK(b_gate.scalar_type() == fin.scalar_type(), "gated_fusion: b_gate must have fin's dtype ",
+              fin.scalar_type(), ", got ", b_gate.scalar_type());
+  TORCH_CHECK(b_gate.device() == fin.device(), "gated_fusion: b_gate is on ", b_gate.device(), " but fin is on ",
+              fin.device());
+}
+
+// The accumulation dtype: float for float/half/bfloat16, double for double.
+inline at::ScalarType accumulate_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace adarec
