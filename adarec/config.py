@@ -167,6 +167,13 @@ class KernelsConfig:
 
 
 @dataclass
+class ProfilingConfig:
+    nvtx: bool = False
+    """NVTX ranges around every phase of a step (data, controller, trajectory, experts, fusion,
+    losses, backward, optimizer step, evaluation) for Nsight; free when off."""
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Dataset file and sequence preparation."""
@@ -178,6 +185,8 @@ class RunConfig:
     """Ranking evaluation settings."""
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     """Choice between the fused kernels and their eager twins."""
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    """Instrumentation for profilers."""
 
 
 # ----------------------------------------------------------------------------- docs and types

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from adarec.profiling import nvtx
 from tqdm import tqdm
 
 from adarec.config import RunConfig, save_config
@@ -155,11 +156,17 @@ class Trainer:
         bar = tqdm(total=steps, desc=f"epoch {epoch_index + 1}", disable=not self.dist.is_main,
                    dynamic_ncols=True, leave=False)
         start, samples = time.perf_counter(), 0
-        for step, batch in enumerate(self.sampler.epoch(epoch_index)):
+        batches = iter(self.sampler.epoch(epoch_index))
+        for step in range(steps):
+            with nvtx.phase("data"):
+                batch = next(batches)
             for name, engine in active.items():
-                loss, terms = engine(batch)
-                engine.backward(loss)
-                engine.step()
+                with nvtx.phase("forward"):
+                    loss, terms = engine(batch)
+                with nvtx.phase("backward"):
+                    engine.backward(loss)
+                with nvtx.phase("optimizer_step"):
+                    engine.step()
                 for key, value in {"loss": loss.detach(), **terms}.items():
                     k = self._prefixed(name, key)
                     sums[k] = sums.get(k, 0.0) + value.float()
@@ -197,8 +204,9 @@ class Trainer:
 
     def evaluate(self, model, which: str) -> dict[str, float]:
         ev = self.cfg.eval
-        return evaluate_split(model, self.split, which, ev.ks, ev.protocol, ev.batch_size,
-                              self.dist.rank, self.dist.world_size)
+        with nvtx.phase("evaluation"):
+            return evaluate_split(model, self.split, which, ev.ks, ev.protocol, ev.batch_size,
+                                  self.dist.rank, self.dist.world_size)
 
     def validate_members(self, epoch: int) -> None:
         """Validate every training member, update its early stopping and best weights."""
@@ -267,6 +275,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[st
     is_main = os.environ.get("RANK", "0") == "0"
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, is_main)
+    nvtx.enable(cfg.profiling.nvtx)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     # Data first: a bad file should fail in a second, before DeepSpeed starts a process group.

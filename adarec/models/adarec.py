@@ -20,6 +20,7 @@ from torch import nn
 
 from adarec.backends import fusion_function, trajectory_function
 from adarec.diffusion import Denoiser, PackedLevels, level_tables, pack_levels
+from adarec.profiling import nvtx
 
 from .controller import DepthController
 from .elcrec import ELCRec
@@ -81,32 +82,40 @@ class ADARec(ELCRec):
     # -- the forward path shared by training and scoring ---------------------------------------
     def user_representation(self, input_ids: torch.Tensor) -> dict:
         e0 = self.encoder.embed(input_ids)
-        decision = self.controller(e0, input_ids)
-        packed = pack_levels(decision.depths)
+        with nvtx.phase("controller"):
+            decision = self.controller(e0, input_ids)
+            packed = pack_levels(decision.depths)
         lengths = (input_ids > 0).sum(1)
         den = self.denoiser
-        trajectory = trajectory_function(self.kernel_backend, e0.device)
-        # Evaluation is deterministic: the argmax depth and no noise.
-        e_hat, l_deno = trajectory(
-            e0, lengths, packed.pair_user, packed.pair_level, self.sqrt_abar, self.sqrt_one_minus_abar,
-            den.fc1.weight, den.fc1.bias, den.step_table(), den.fc2.weight, den.fc2.bias,
-            zero_noise=not self.training,
-        )
-        pair_ids = input_ids[packed.pair_user]
-        fine = self.encoder.encode(e_hat, pair_ids)
-        pooled = masked_mean(e_hat, pair_ids)
-        coarse = self.coarse(pooled)
-        router_in = torch.cat([pooled, self.level_embedding(packed.pair_level)], dim=-1)
-        g = torch.sigmoid(self.router(router_in)).squeeze(-1)
-        m = decision.level_masks[packed.pair_user, packed.pair_level].to(g.dtype)
-        fusion = fusion_function(self.kernel_backend, fine.device)
-        h, z_coar = fusion(fine, coarse, g, m, packed.offsets, self.final_gate.weight, self.final_gate.bias)
+        with nvtx.phase("trajectory"):
+            trajectory = trajectory_function(self.kernel_backend, e0.device)
+            # Evaluation is deterministic: the argmax depth and no noise.
+            e_hat, l_deno = trajectory(
+                e0, lengths, packed.pair_user, packed.pair_level, self.sqrt_abar, self.sqrt_one_minus_abar,
+                den.fc1.weight, den.fc1.bias, den.step_table(), den.fc2.weight, den.fc2.bias,
+                zero_noise=not self.training,
+            )
+        with nvtx.phase("experts"):
+            pair_ids = input_ids[packed.pair_user]
+            fine = self.encoder.encode(e_hat, pair_ids)
+            pooled = masked_mean(e_hat, pair_ids)
+            coarse = self.coarse(pooled)
+            router_in = torch.cat([pooled, self.level_embedding(packed.pair_level)], dim=-1)
+            g = torch.sigmoid(self.router(router_in)).squeeze(-1)
+            m = decision.level_masks[packed.pair_user, packed.pair_level].to(g.dtype)
+        with nvtx.phase("fusion"):
+            fusion = fusion_function(self.kernel_backend, fine.device)
+            h, z_coar = fusion(fine, coarse, g, m, packed.offsets, self.final_gate.weight, self.final_gate.bias)
         return {"h": h, "z_coar": z_coar, "coarse": coarse, "g": g, "packed": packed,
                 "decision": decision, "l_deno": l_deno}
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.user_representation(batch["input_ids"])
         decision = out["decision"]
+        with nvtx.phase("losses"):
+            return self._objective(out, decision, batch)
+
+    def _objective(self, out: dict, decision, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms = {
             "rec": self.rec_loss(out["h"], batch),
             "deno": out["l_deno"],

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adarec.profiling import nvtx
+
 from .losses import cluster_loss, nt_xent
 from .sasrec import SASRec
 
@@ -84,9 +86,10 @@ class ELCRec(SASRec):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hidden = self.encoder(batch["input_ids"])
-        terms = {"rec": self.rec_loss(hidden, batch)}
-        terms.update(self.elcrec_terms(hidden, batch))
-        loss = terms["rec"] + self.weighted_elcrec(terms)
+        with nvtx.phase("losses"):
+            terms = {"rec": self.rec_loss(hidden, batch)}
+            terms.update(self.elcrec_terms(hidden, batch))
+            loss = terms["rec"] + self.weighted_elcrec(terms)
         return loss, {k: v.detach() for k, v in terms.items()}
 
     @torch.no_grad()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from adarec.profiling import nvtx
+
 from .encoder import SequenceEncoder
 from .losses import bce_next_item_loss, ce_next_item_loss
 
@@ -37,7 +39,8 @@ class SASRec(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hidden = self.encoder(batch["input_ids"])
-        loss = self.rec_loss(hidden, batch)
+        with nvtx.phase("losses"):
+            loss = self.rec_loss(hidden, batch)
         return loss, {"rec": loss.detach()}
 
     @torch.no_grad()

@@ -1,0 +1,185 @@
+"""Training-step benchmark harness: a config, several kernel backends, one table.
+
+    python -m adarec.profiling.bench --config configs/adarec_beauty.yaml --backends eager fused \
+        --steps 20 --repeats 5 --out results/bench/adarec_beauty
+    python -m adarec.profiling.bench --config ... --trace        # + a Chrome trace per backend
+
+For each backend it builds the real training path (the DeepSpeed engine(s) of the run config,
+the on-device batch sampler, the model's data-dependent init), runs `--warmup` untimed steps,
+then `--repeats` timed blocks of `--steps` steps (a step = batch construction + forward +
+backward + optimizer step of every member, exactly as `adarec train` does it). Reported per
+backend: the step time (median and spread over the repeats), samples/s, the training time of
+one epoch projected from the dataset's steps per epoch, the time of a full validation pass
+and the peak CUDA memory. Writes bench.csv, bench.md, bench.json and bench.png under --out;
+every row carries the device, torch/triton versions, date and git commit.
+
+Timing is wall-clock around synchronised blocks (what a training run pays), not per-kernel
+device time; use --trace or Nsight (README, "Profiling") for the breakdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from adarec.engine.data_setup import load_split
+from adarec.engine.distributed import setup_distributed
+from adarec.engine.trainer import Trainer
+from adarec.profiling.timing import environment, synchronize, write_tables
+
+from adarec.config import apply_overrides, load_config
+from adarec.models import scorer
+
+log = logging.getLogger("adarec.bench")
+BACKENDS = ("eager", "fused")
+
+
+def _steps(trainer: Trainer):
+    """Endless training batches, epoch after epoch, as the trainer would draw them."""
+    epoch = 0
+    while True:
+        yield from trainer.sampler.epoch(epoch)
+        epoch += 1
+
+
+def _train_step(trainer: Trainer, batch: dict) -> None:
+    for engine in trainer.engines.values():
+        loss, _ = engine(batch)
+        engine.backward(loss)
+        engine.step()
+
+
+def _run_block(trainer: Trainer, batches, count: int) -> float:
+    """Seconds for `count` steps, batch construction included, synchronised at both ends."""
+    synchronize(trainer.device)
+    start = time.perf_counter()
+    for _ in range(count):
+        _train_step(trainer, next(batches))
+    synchronize(trainer.device)
+    return time.perf_counter() - start
+
+
+def _validation_seconds(trainer: Trainer, repeats: int) -> float | None:
+    if repeats <= 0:
+        return None
+    model = scorer({name: engine.module for name, engine in trainer.engines.items()})
+    times = []
+    for _ in range(repeats):
+        synchronize(trainer.device)
+        start = time.perf_counter()
+        trainer.evaluate(model, "valid")
+        synchronize(trainer.device)
+        times.append(time.perf_counter() - start)
+    # The first pass pays one-off costs (kernel compilation, allocator growth) when there are more.
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def _trace(trainer: Trainer, batches, steps: int, path: Path) -> None:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if trainer.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            _train_step(trainer, next(batches))
+        synchronize(trainer.device)
+    prof.export_chrome_trace(str(path))
+
+
+def bench_backend(cfg, backend: str, split, dist, args, out: Path) -> dict:
+    cfg = apply_overrides(cfg, [f"kernels.backend={backend}"], where="bench")
+    with tempfile.TemporaryDirectory(prefix="adarec-bench-") as run_dir:
+        trainer = Trainer(cfg, Path(run_dir), dist, split, resume=False)
+        for engine in trainer.engines.values():
+            engine.train()
+        batches = _steps(trainer)
+        _run_block(trainer, batches, args.warmup)
+        if trainer.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.device)
+        block_s = [_run_block(trainer, batches, args.steps) for _ in range(args.repeats)]
+        peak = torch.cuda.max_memory_allocated(trainer.device) / 2**20 if trainer.device.type == "cuda" else None
+        step_ms = sorted(1e3 * s / args.steps for s in block_s)
+        median_ms = statistics.median(step_ms)
+        row = {
+            "config": args.config_name, "model": cfg.model.name, "backend": backend,
+            "precision": "bf16" if trainer.ds_config["bf16"]["enabled"] else "fp32",
+            "batch_size": cfg.train.batch_size, "steps_per_epoch": len(trainer.sampler),
+            "step_ms_median": median_ms, "step_ms_min": step_ms[0], "step_ms_max": step_ms[-1],
+            "samples_per_s": cfg.train.batch_size / (median_ms / 1e3),
+            "epoch_train_s": len(trainer.sampler) * median_ms / 1e3,
+            "valid_pass_s": _validation_seconds(trainer, args.eval_repeats),
+            "peak_mem_mib": peak,
+        }
+        if args.trace:
+            _trace(trainer, batches, args.trace_steps, out / f"trace_{backend}.json")
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["backend"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    step = [r["step_ms_median"] for r in rows]
+    spread = [[r["step_ms_median"] - r["step_ms_min"] for r in rows], [r["step_ms_max"] - r["step_ms_median"]
+                                                                      for r in rows]]
+    axes[0].bar(labels, step, yerr=spread, capsize=4, color="tab:blue")
+    axes[0].set_ylabel("ms per training step (median, min-max)")
+    valid = [r["valid_pass_s"] or 0.0 for r in rows]
+    axes[1].bar(labels, [r["epoch_train_s"] for r in rows], color="tab:orange", label="training, projected")
+    axes[1].bar(labels, valid, bottom=[r["epoch_train_s"] for r in rows], color="tab:green",
+                label="validation pass")
+    axes[1].set_ylabel("seconds per epoch")
+    axes[1].legend(fontsize=8)
+    first = rows[0]
+    fig.suptitle(f"{first['config']} on {first['device']} ({first['date']}, {first['commit']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=5, help="timed blocks (median and spread over these)")
+    parser.add_argument("--eval-repeats", type=int, default=2,
+                        help="full validation passes to time (the first is a warm-up when > 1); 0 skips")
+    parser.add_argument("--trace", action="store_true", help="also write a torch.profiler Chrome trace")
+    parser.add_argument("--trace-steps", type=int, default=3)
+    parser.add_argument("--out", default=None, help="results folder (default results/bench/<config name>)")
+    args = parser.parse_args(argv)
+    if os.environ.get("ADAREC_KERNELS"):
+        parser.error("unset ADAREC_KERNELS: it would override the backend under test")
+    args.config_name = Path(args.config).stem
+    out = Path(args.out or f"results/bench/{args.config_name}")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = apply_overrides(load_config(args.config), args.set)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    dist = setup_distributed(cfg.train.device)
+    split = load_split(cfg, dist.device)
+    env = environment(dist.device)
+    rows = [{**bench_backend(cfg, backend, split, dist, args, out), **env} for backend in args.backends]
+    eager = next((r["step_ms_median"] for r in rows if r["backend"] == "eager"), None)
+    for row in rows:
+        row["speedup_vs_eager"] = eager / row["step_ms_median"] if eager else None
+    paths = write_tables(rows, out, "bench")
+    plot(rows, out / "bench.png")
+    print(paths["md"].read_text(), end="")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
