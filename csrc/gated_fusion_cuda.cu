@@ -6,7 +6,8 @@
 // products for the gate's linear layer, and one block per packed pair that writes d fin / d coar
 // and reduces the pair's two weight gradients in shared memory. All sums in float (double for
 // double inputs).
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -147,7 +148,7 @@ ForwardResult gated_fusion_forward_cuda(const at::Tensor& fin, const at::Tensor&
   auto gate = at::empty({B, D}, fin.options());
   auto h = at::empty({B, L, D}, fin.options());
   if (B == 0) return {h, z_coar, z_fin, gate, den_fin, den_coar};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, fin.scalar_type(), "gated_fusion_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     segment_mean_kernel<scalar_t, acc_t, false><<<dim3(blocks_for(L * D), B), kThreads, 0, stream>>>(
@@ -189,7 +190,7 @@ BackwardResult gated_fusion_backward_cuda(const at::Tensor& grad_h, const at::Te
   const auto acc = accumulate_type(fin.scalar_type());
   auto d_pre = at::zeros({B, D}, fin.options().dtype(acc));
   auto d_zc = at::zeros({B, D}, fin.options().dtype(acc));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, fin.scalar_type(), "gated_fusion_gate_grad", [&] {
       using acc_t = at::opmath_type<scalar_t>;

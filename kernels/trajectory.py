@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 NOISE_RNG, NOISE_GIVEN, NOISE_ZERO = 0, 1, 2
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -314,8 +314,12 @@ class _Layout:
 def _config(d: int, h: int, dtype: torch.dtype) -> dict:
     block_d = max(16, triton.next_power_of_2(d))
     # Rows per program and hidden chunk: [R, BD] fp32 accumulators plus one [BD, BH] weight chunk.
+    # fp32 operands take twice the shared memory of bf16 ones in tl.dot: halve the chunk so the
+    # largest kernel stays near 100 KB (compiled for sm_90 in tests/test_trajectory_kernel.py).
     rows = 32 if block_d <= 128 else 16
     block_h = 64 if block_d <= 128 else 32
+    if dtype == torch.float32:
+        rows, block_h = 16, block_h // 2
     block_h = min(block_h, max(16, triton.next_power_of_2(h)))
     # fp32 inputs: IEEE products to match the eager twin (tl.dot defaults to TF32 on GPUs).
     precision = "ieee" if dtype == torch.float32 else None

@@ -298,3 +298,22 @@ def test_benchmark_script_writes_its_tables(tmp_path):
         assert column in table[0]
     assert float(table[0]["speedup_vs_eager"]) == 1.0
     assert (tmp_path / "trajectory_fp32_D16.md").read_text().startswith("| op | backend |")
+
+
+# ----------------------------------------------------------------------------- ahead-of-time compile
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for real by the tests above on a GPU")
+def test_kernels_compile_for_an_h100_target_without_a_gpu(tmp_path):
+    """The interpreter runs the kernels as Python; this lowers them for sm_90 (Triton's own
+    ptxas), which rejects what only a real compile sees (non-constexpr globals, dot shapes)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("aot_compile_trajectory.py")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, str(script), "90"], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert out.stdout.count("ok ") == 8, out.stdout
