@@ -144,9 +144,10 @@ class ADARec(ELCRec):
             self._stats = {"depth": zeros.clone(), "router_sum": zeros.clone(), "router_n": zeros.clone(),
                            "users": zeros.new_zeros(())}
         s = self._stats
-        s["depth"] += torch.bincount(depths, minlength=levels).double()
+        # index_add_ rather than bincount: bincount sizes its output from the data (a host sync).
+        s["depth"].index_add_(0, depths, torch.ones_like(depths, dtype=torch.float64))
         s["router_sum"].index_add_(0, packed.pair_level, g.double())
-        s["router_n"] += torch.bincount(packed.pair_level, minlength=levels).double()
+        s["router_n"].index_add_(0, packed.pair_level, torch.ones_like(packed.pair_level, dtype=torch.float64))
         s["users"] += depths.numel()
 
     def pop_epoch_stats(self) -> dict[str, float | None]:
