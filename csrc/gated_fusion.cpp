@@ -202,6 +202,7 @@ BackwardResult gated_fusion_backward_cpu(const at::Tensor& grad_h, const at::Ten
                   grad_z_coar.is_contiguous(),
               "gated_fusion backward: grad_z_coar must be a contiguous ", fin.scalar_type(), " tensor of shape ",
               z_coar.sizes());
+  check_saved_for_backward(fin, offsets, z_fin, z_coar, gate, den_fin, den_coar);
   const int64_t B = offsets.size(0) - 1, D = fin.size(2);
   const auto acc = accumulate_type(fin.scalar_type());
   auto d_pre = at::empty({B, D}, fin.options().dtype(acc));

@@ -58,6 +58,22 @@ inline void check_gate_bias(const at::Tensor& b_gate, const at::Tensor& fin) {
               fin.device());
 }
 
+// The tensors the forward saved, as the backward receives them back.
+inline void check_saved_for_backward(const at::Tensor& fin, const at::Tensor& offsets, const at::Tensor& z_fin,
+                                     const at::Tensor& z_coar, const at::Tensor& gate, const at::Tensor& den_fin,
+                                     const at::Tensor& den_coar) {
+  const auto B = offsets.size(0) - 1, L = fin.size(1), D = fin.size(2);
+  TORCH_CHECK(z_fin.sizes() == at::IntArrayRef({B, L, D}) && z_coar.sizes() == at::IntArrayRef({B, D}) &&
+                  gate.sizes() == at::IntArrayRef({B, D}) && den_fin.sizes() == at::IntArrayRef({B}) &&
+                  den_coar.sizes() == at::IntArrayRef({B}),
+              "gated_fusion backward: the saved z_fin / z_coar / gate / denominators do not match B = ", B,
+              ", L = ", L, ", D = ", D);
+  for (const at::Tensor* t : {&z_fin, &z_coar, &gate, &den_fin, &den_coar}) {
+    TORCH_CHECK(t->device() == fin.device() && t->is_contiguous(),
+                "gated_fusion backward: saved tensors must be contiguous and on ", fin.device());
+  }
+}
+
 // The accumulation dtype: float for float/half/bfloat16, double for double.
 inline at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

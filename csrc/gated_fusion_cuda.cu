@@ -24,8 +24,8 @@ template <typename scalar_t, typename acc_t, bool kCoarse>
 __global__ void segment_mean_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                                     const scalar_t* __restrict__ m, const int64_t* __restrict__ offsets,
                                     int64_t width, scalar_t* __restrict__ out, acc_t* __restrict__ den_out) {
-  const int64_t b = blockIdx.y;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t b = blockIdx.x;
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t k0 = offsets[b], k1 = offsets[b + 1];
   acc_t sum = 0, den = 0;
   for (int64_t k = k0; k < k1; ++k) {
@@ -57,8 +57,8 @@ __global__ void gate_grad_kernel(const scalar_t* __restrict__ grad_h, const scal
                                  const scalar_t* __restrict__ z_fin, const scalar_t* __restrict__ z_coar,
                                  const scalar_t* __restrict__ gate, int64_t L, int64_t D,
                                  acc_t* __restrict__ d_pre, acc_t* __restrict__ d_zc) {
-  const int64_t b = blockIdx.y;
-  const int64_t d = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t b = blockIdx.x;
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (d >= D) return;
   const acc_t gt = static_cast<acc_t>(gate[b * D + d]), c = static_cast<acc_t>(z_coar[b * D + d]);
   acc_t sum_gate = 0, sum_h = 0;
@@ -147,15 +147,19 @@ ForwardResult gated_fusion_forward_cuda(const at::Tensor& fin, const at::Tensor&
   auto den_coar = at::empty({B}, fin.options().dtype(acc));
   auto gate = at::empty({B, D}, fin.options());
   auto h = at::empty({B, L, D}, fin.options());
-  if (B == 0) return {h, z_coar, z_fin, gate, den_fin, den_coar};
+  // Users on grid x (up to 2^31 - 1), column blocks on grid y (up to 65535 x 256 columns).
+  TORCH_CHECK(blocks_for(L * D) <= 65535, "gated_fusion: L * D = ", L * D, " is too large for the CUDA grid");
+  if (B == 0 || L * D == 0) {
+    return {h.zero_(), z_coar.zero_(), z_fin.zero_(), gate.zero_(), den_fin.zero_(), den_coar.zero_()};
+  }
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, fin.scalar_type(), "gated_fusion_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    segment_mean_kernel<scalar_t, acc_t, false><<<dim3(blocks_for(L * D), B), kThreads, 0, stream>>>(
+    segment_mean_kernel<scalar_t, acc_t, false><<<dim3(B, blocks_for(L * D)), kThreads, 0, stream>>>(
         fin.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(),
         L * D, z_fin.data_ptr<scalar_t>(), den_fin.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    segment_mean_kernel<scalar_t, acc_t, true><<<dim3(blocks_for(D), B), kThreads, 0, stream>>>(
+    segment_mean_kernel<scalar_t, acc_t, true><<<dim3(B, blocks_for(D)), kThreads, 0, stream>>>(
         coar.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(),
         D, z_coar.data_ptr<scalar_t>(), den_coar.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -185,16 +189,17 @@ BackwardResult gated_fusion_backward_cuda(const at::Tensor& grad_h, const at::Te
                   grad_z_coar.is_contiguous() && grad_z_coar.device() == fin.device(),
               "gated_fusion backward: grad_z_coar must be a contiguous ", fin.scalar_type(), " tensor of shape ",
               z_coar.sizes(), " on ", fin.device());
+  check_saved_for_backward(fin, offsets, z_fin, z_coar, gate, den_fin, den_coar);
   const c10::cuda::CUDAGuard guard(fin.device());
   const int64_t B = offsets.size(0) - 1, P = fin.size(0), L = fin.size(1), D = fin.size(2);
   const auto acc = accumulate_type(fin.scalar_type());
   auto d_pre = at::zeros({B, D}, fin.options().dtype(acc));
   auto d_zc = at::zeros({B, D}, fin.options().dtype(acc));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (B > 0) {
+  if (B > 0 && D > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, fin.scalar_type(), "gated_fusion_gate_grad", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      gate_grad_kernel<scalar_t, acc_t><<<dim3(blocks_for(D), B), kThreads, 0, stream>>>(
+      gate_grad_kernel<scalar_t, acc_t><<<dim3(B, blocks_for(D)), kThreads, 0, stream>>>(
           grad_h.data_ptr<scalar_t>(), grad_z_coar.data_ptr<scalar_t>(), z_fin.data_ptr<scalar_t>(),
           z_coar.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(), L, D, d_pre.data_ptr<acc_t>(),
           d_zc.data_ptr<acc_t>());
@@ -205,11 +210,12 @@ BackwardResult gated_fusion_backward_cuda(const at::Tensor& grad_h, const at::Te
   const auto d_w = d_pre.t().mm(z_coar.to(acc)).to(w_gate.scalar_type());
   const auto d_b = d_pre.sum(0).to(w_gate.scalar_type());
   d_zc.add_(d_pre.mm(w_gate.to(acc)));
+  // Zero-initialised: the pair kernel is skipped for empty shapes. [P, D] and [P] are small.
   auto d_fin = at::empty_like(fin);
-  auto d_coar = at::empty_like(coar);
-  auto d_g = at::empty_like(g);
-  auto d_m = at::empty_like(m);
-  if (P > 0) {
+  auto d_coar = at::zeros_like(coar);
+  auto d_g = at::zeros_like(g);
+  auto d_m = at::zeros_like(m);
+  if (P > 0 && L * D > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, fin.scalar_type(), "gated_fusion_pair_grad", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       pair_grad_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(P), kThreads, 0, stream>>>(

@@ -127,8 +127,9 @@ def _trajectory_fwd_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     x0 = tl.load(e0_ptr + (user * L + pos)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     out_dt = ehat_ptr.dtype.element_ty
-    # Level 0 is E^0 itself.
-    tl.store(ehat_ptr + (pair0 * L + pos)[:, None] * D + cols[None, :], x0.to(out_dt), mask=mask)
+    # Level 0 is E^0 itself (every user has it in the packed layout; depth >= 0 guards misuse).
+    mask0 = mask & (depth >= 0)[:, None]
+    tl.store(ehat_ptr + (pair0 * L + pos)[:, None] * D + cols[None, :], x0.to(out_dt), mask=mask0)
     seed = tl.load(seed_ptr)
     loss = tl.zeros((R,), dtype=tl.float32)
     for level in range(1, tl.max(depth) + 1):
@@ -163,8 +164,8 @@ def _trajectory_bwd_rows_kernel(
     col_mask = cols < D
     mask = row_mask[:, None] & col_mask[None, :]
     x0 = tl.load(e0_ptr + (user * L + pos)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    dx0 = tl.load(grad_ehat_ptr + (pair0 * L + pos)[:, None] * D + cols[None, :], mask=mask,
-                  other=0.0).to(tl.float32)
+    dx0 = tl.load(grad_ehat_ptr + (pair0 * L + pos)[:, None] * D + cols[None, :],
+                  mask=mask & (depth >= 0)[:, None], other=0.0).to(tl.float32)
     seed = tl.load(seed_ptr)
     # dL/d eps_hat from L_deno = sum ||eps_hat - eps||^2 / (D * count), times the incoming grad.
     loss_coef = tl.load(loss_coef_ptr)
@@ -422,6 +423,11 @@ def _check(e0, lengths, pair_user, pair_level, sqrt_abar, w1, step_table, w2, no
                            f"got e0 on {e0.device}")
     if e0.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"e0 must be float32, bfloat16 or float16, got {e0.dtype}")
+    # Tile sizes and the product precision are chosen from one dtype for inputs and weights.
+    mixed = [name for name, t in (("w1", w1), ("w2", w2), ("step_table", step_table)) if t.dtype != e0.dtype]
+    if mixed:
+        raise TypeError(f"{', '.join(mixed)} must have e0's dtype {e0.dtype} (got "
+                        f"{', '.join(str(t.dtype) for t in (w1, w2, step_table) if t.dtype != e0.dtype)})")
     batch, length, d = e0.shape
     h = w1.shape[0]
     if tuple(w1.shape) != (h, d) or tuple(w2.shape) != (d, h) or step_table.shape[-1] != h:

@@ -158,6 +158,8 @@ def test_bad_inputs_raise_clear_errors():
         fused_diffusion_trajectory(**{**args, "w1": args["w1"][:, :-1]})
     with pytest.raises(ValueError, match="noise must be"):
         fused_diffusion_trajectory(**args, noise=problem["noise"][:-1])
+    with pytest.raises(TypeError, match="must have e0's dtype"):
+        fused_diffusion_trajectory(**{**args, "w1": args["w1"].double()})
     with pytest.raises(ValueError, match="lengths must be"):
         fused_diffusion_trajectory(**{**args, "lengths": args["lengths"][:-1]})
 
