@@ -204,7 +204,9 @@ def test_adarec_fused_and_eager_backends_agree_when_scoring(monkeypatch):
     fused = make_model(seed=4).to(DEVICE).eval()
     eager.kernel_backend, fused.kernel_backend = "eager", "fused"
     ids = batch_for()["input_ids"].to(DEVICE)
-    torch.testing.assert_close(fused.score(ids), eager.score(ids), rtol=1e-5, atol=1e-5)
+    # Compiled on a GPU the two paths sum in different orders through the whole network.
+    tol = 1e-4 if DEVICE.type == "cuda" else 1e-5
+    torch.testing.assert_close(fused.score(ids), eager.score(ids), rtol=tol, atol=tol)
 
 
 def train_losses(backend, steps, seed=0, lr=1e-2):
