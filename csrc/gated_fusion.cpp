@@ -193,16 +193,8 @@ BackwardResult gated_fusion_backward_cpu(const at::Tensor& grad_h, const at::Ten
                                          const at::Tensor& m, const at::Tensor& offsets, const at::Tensor& w_gate,
                                          const at::Tensor& z_fin, const at::Tensor& z_coar, const at::Tensor& gate,
                                          const at::Tensor& den_fin, const at::Tensor& den_coar) {
-  check_fusion_inputs(fin, coar, g, m, offsets, w_gate);
-  TORCH_CHECK(grad_h.sizes() == z_fin.sizes() && grad_h.scalar_type() == fin.scalar_type() &&
-                  grad_h.is_contiguous(),
-              "gated_fusion backward: grad_h must be a contiguous ", fin.scalar_type(), " tensor of shape ",
-              z_fin.sizes());
-  TORCH_CHECK(grad_z_coar.sizes() == z_coar.sizes() && grad_z_coar.scalar_type() == fin.scalar_type() &&
-                  grad_z_coar.is_contiguous(),
-              "gated_fusion backward: grad_z_coar must be a contiguous ", fin.scalar_type(), " tensor of shape ",
-              z_coar.sizes());
-  check_saved_for_backward(fin, offsets, z_fin, z_coar, gate, den_fin, den_coar);
+  check_backward_inputs(grad_h, grad_z_coar, fin, coar, g, m, offsets, w_gate, z_fin, z_coar, gate, den_fin,
+                        den_coar);
   const int64_t B = offsets.size(0) - 1, D = fin.size(2);
   const auto acc = accumulate_type(fin.scalar_type());
   auto d_pre = at::empty({B, D}, fin.options().dtype(acc));

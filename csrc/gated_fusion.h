@@ -74,6 +74,24 @@ inline void check_saved_for_backward(const at::Tensor& fin, const at::Tensor& of
   }
 }
 
+inline void check_backward_inputs(const at::Tensor& grad_h, const at::Tensor& grad_z_coar, const at::Tensor& fin,
+                                  const at::Tensor& coar, const at::Tensor& g, const at::Tensor& m,
+                                  const at::Tensor& offsets, const at::Tensor& w_gate, const at::Tensor& z_fin,
+                                  const at::Tensor& z_coar, const at::Tensor& gate, const at::Tensor& den_fin,
+                                  const at::Tensor& den_coar) {
+  check_fusion_inputs(fin, coar, g, m, offsets, w_gate);
+  check_saved_for_backward(fin, offsets, z_fin, z_coar, gate, den_fin, den_coar);
+  const std::vector<std::tuple<const char*, const at::Tensor*, const at::Tensor*>> grads = {
+      {"grad_h", &grad_h, &z_fin}, {"grad_z_coar", &grad_z_coar, &z_coar}};
+  for (const auto& [name, grad, like] : grads) {
+    TORCH_CHECK(grad->sizes() == like->sizes() && grad->scalar_type() == fin.scalar_type() &&
+                    grad->is_contiguous() && grad->device() == fin.device(),
+                "gated_fusion backward: ", name, " must be a contiguous ", fin.scalar_type(), " tensor of shape ",
+                like->sizes(), " on ", fin.device(), ", got ", grad->scalar_type(), " ", grad->sizes(), " on ",
+                grad->device());
+  }
+}
+
 // The accumulation dtype: float for float/half/bfloat16, double for double.
 inline at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

@@ -108,6 +108,19 @@ def _load_rows(row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr, 
     return row_mask, user, pos, depth, pair0
 
 
+@triton.jit
+def _load_block(e0_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr, start, L, D,
+                R: tl.constexpr, BD: tl.constexpr):
+    """A block's rows (as `_load_rows`), its column range and its E^0 rows x0 [R, BD] in fp32."""
+    row_mask, user, pos, depth, pair0 = _load_rows(row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr,
+                                                   offsets_ptr, start, R)
+    cols = tl.arange(0, BD)
+    col_mask = cols < D
+    mask = row_mask[:, None] & col_mask[None, :]
+    x0 = tl.load(e0_ptr + (user * L + pos)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return row_mask, user, pos, depth, pair0, cols, col_mask, mask, x0
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -120,12 +133,8 @@ def _trajectory_fwd_kernel(
     R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row_mask, user, pos, depth, pair0 = _load_rows(row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr,
-                                                   offsets_ptr, pid * R, R)
-    cols = tl.arange(0, BD)
-    col_mask = cols < D
-    mask = row_mask[:, None] & col_mask[None, :]
-    x0 = tl.load(e0_ptr + (user * L + pos)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    row_mask, _, pos, depth, pair0, cols, col_mask, mask, x0 = _load_block(
+        e0_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr, pid * R, L, D, R, BD)
     out_dt = ehat_ptr.dtype.element_ty
     # Level 0 is E^0 itself (every user has it in the packed layout; depth >= 0 guards misuse).
     mask0 = mask & (depth >= 0)[:, None]
@@ -158,12 +167,8 @@ def _trajectory_bwd_rows_kernel(
     R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row_mask, user, pos, depth, pair0 = _load_rows(row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr,
-                                                   offsets_ptr, pid * R, R)
-    cols = tl.arange(0, BD)
-    col_mask = cols < D
-    mask = row_mask[:, None] & col_mask[None, :]
-    x0 = tl.load(e0_ptr + (user * L + pos)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    row_mask, user, pos, depth, pair0, cols, col_mask, mask, x0 = _load_block(
+        e0_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr, pid * R, L, D, R, BD)
     dx0 = tl.load(grad_ehat_ptr + (pair0 * L + pos)[:, None] * D + cols[None, :],
                   mask=mask & (depth >= 0)[:, None], other=0.0).to(tl.float32)
     seed = tl.load(seed_ptr)

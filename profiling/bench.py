@@ -31,7 +31,7 @@ import torch
 from adarec.engine.data_setup import load_split
 from adarec.engine.distributed import setup_distributed
 from adarec.engine.trainer import Trainer
-from adarec.profiling.timing import environment, synchronize, write_tables
+from adarec.profiling.timing import add_speedups, environment, synchronize, write_tables
 
 from adarec.config import apply_overrides, load_config
 from adarec.models import scorer
@@ -172,9 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     split = load_split(cfg, dist.device)
     env = environment(dist.device)
     rows = [{**bench_backend(cfg, backend, split, dist, args, out), **env} for backend in args.backends]
-    eager = next((r["step_ms_median"] for r in rows if r["backend"] == "eager"), None)
-    for row in rows:
-        row["speedup_vs_eager"] = eager / row["step_ms_median"] if eager else None
+    add_speedups(rows, "step_ms_median")
     paths = write_tables(rows, out, "bench")
     plot(rows, out / "bench.png")
     print(paths["md"].read_text(), end="")

@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 import torch
 import torch.nn.functional as F
-from adarec.profiling.timing import environment, peak_memory_mib, summarize, time_callable, write_tables
+from adarec.profiling.timing import add_speedups, environment, peak_memory_mib, summarize, time_callable, write_tables
 
 from adarec.fusion import gated_fusion as eager_gated_fusion
 
@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         timing = summarize(time_callable(step, device, args.warmup, args.repeats))
         rows.append({"op": "gated fusion fwd+bwd", "backend": name, **shape, **timing,
                      "peak_mem_mib": peak_memory_mib(step, device), **env})
-    eager = next((r["median_ms"] for r in rows if r["backend"] == "eager"), None)
-    for row in rows:
-        row["speedup_vs_eager"] = eager / row["median_ms"] if eager else None
+    add_speedups(rows, "median_ms")
     paths = write_tables(rows, args.out, f"fusion_{args.dtype}_D{args.dim}_{device.type}")
     print(paths["md"].read_text(), end="")
     return rows

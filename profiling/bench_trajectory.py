@@ -16,7 +16,7 @@ import argparse
 
 import numpy as np
 import torch
-from adarec.profiling.timing import environment, peak_memory_mib, summarize, time_callable, write_tables
+from adarec.profiling.timing import add_speedups, environment, peak_memory_mib, summarize, time_callable, write_tables
 
 from adarec.data.io import read_sequences
 from adarec.diffusion import diffusion_trajectory, level_tables, pack_levels
@@ -106,9 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         timing = summarize(time_callable(step, device, args.warmup, args.repeats))
         rows.append({"op": "trajectory fwd+bwd", "backend": name, **shape, **timing,
                      "peak_mem_mib": peak_memory_mib(step, device), **env})
-    eager = next((r["median_ms"] for r in rows if r["backend"] == "eager"), None)
-    for row in rows:
-        row["speedup_vs_eager"] = eager / row["median_ms"] if eager else None
+    add_speedups(rows, "median_ms")
     paths = write_tables(rows, args.out, f"trajectory_{args.dtype}_D{args.dim}")
     print(paths["md"].read_text(), end="")
     return rows

@@ -87,6 +87,13 @@ def environment(device: torch.device) -> dict[str, str]:
             "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit()}
 
 
+def add_speedups(rows: list[dict], time_key: str, baseline: str = "eager") -> None:
+    """Set each row's speedup_vs_<baseline>: the baseline backend's time over the row's."""
+    base = next((r[time_key] for r in rows if r["backend"] == baseline), None)
+    for row in rows:
+        row[f"speedup_vs_{baseline}"] = base / row[time_key] if base else None
+
+
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"

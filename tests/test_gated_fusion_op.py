@@ -222,3 +222,15 @@ def test_cuda_source_compiles_for_an_h100_with_nvcc(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     assert (tmp_path / "fusion.o").stat().st_size > 0
+
+
+def test_backward_entry_point_names_a_bad_gradient():
+    inputs = make_inputs([2, 3], 4, 5)
+    h, z_coar, z_fin, gate, den_fin, den_coar = raw_forward(inputs)
+    args = [inputs[k] for k in ("fin", "coar", "g", "m", "offsets", "w_gate")]
+    with pytest.raises(RuntimeError, match="grad_h must be a contiguous"):
+        torch.ops.adarec.gated_fusion_backward(h[:, :-1].contiguous(), torch.zeros_like(z_coar), *args, z_fin, z_coar,
+                                               gate, den_fin, den_coar)
+    with pytest.raises(RuntimeError, match="grad_z_coar must be"):
+        torch.ops.adarec.gated_fusion_backward(torch.zeros_like(h), z_coar.float(), *args, z_fin, z_coar, gate,
+                                               den_fin, den_coar)
