@@ -73,26 +73,56 @@ def _level_noise(seed, noise_ptr, pair, pos, cols, row_mask, col_mask, L, D, NOI
 
 
 @triton.jit
+def _round_to(x, like_ptr, UPCAST: tl.constexpr):
+    """x rounded to the element type of like_ptr (round to nearest even).
+
+    Compiled, this is a plain cast. Under the interpreter (UPCAST) a cast to bf16 truncates, so
+    the rounding is done on the bits first; the cast of the rounded value is then exact.
+    """
+    dtype = like_ptr.dtype.element_ty
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _dot(a, b, acc, w_ptr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with both operands rounded to the weights' dtype and fp32 accumulation.
+
+    UPCAST (set only under TRITON_INTERPRET=1, whose tl.dot mishandles bf16) multiplies the
+    rounded operands as fp32: products of bf16 values are exact in fp32, so this is the same
+    arithmetic as a bf16 tensor-core product with fp32 accumulation.
+    """
+    a = _round_to(a, w_ptr, UPCAST)
+    b = _round_to(b, w_ptr, UPCAST)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _denoiser_eps_hat(ek, level, cols, col_mask, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr, D, H,
-                      BH: tl.constexpr, PRECISION: tl.constexpr):
+                      BH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """eps_hat = W2 gelu(W1 ek + b1 + step[level]) + b2 on rows ek [R, BD] (fp32 result).
 
     The hidden width H is streamed in BH-wide chunks so only [R, BH] activations and one chunk
     of each weight are live at a time; products accumulate in fp32.
     """
-    wdt = w1_ptr.dtype.element_ty
-    ek_w = ek.to(wdt)
     acc = tl.zeros(ek.shape, dtype=tl.float32)
     for h0 in range(0, H, BH):
         hid = h0 + tl.arange(0, BH)
         hmask = hid < H
         wmask = col_mask[:, None] & hmask[None, :]
         w1t = tl.load(w1_ptr + hid[None, :] * D + cols[:, None], mask=wmask, other=0.0)        # [BD, BH]
-        pre = tl.dot(ek_w, w1t, input_precision=PRECISION)
+        pre = _dot(ek, w1t, tl.zeros((ek.shape[0], BH), dtype=tl.float32), w1_ptr, PRECISION, UPCAST)
         pre += tl.load(b1_ptr + hid, mask=hmask, other=0.0).to(tl.float32)[None, :]
         pre += tl.load(step_ptr + level * H + hid, mask=hmask, other=0.0).to(tl.float32)[None, :]
         w2t = tl.load(w2_ptr + cols[None, :] * H + hid[:, None], mask=tl.trans(wmask), other=0.0)     # [BH, BD]
-        acc = tl.dot(_gelu(pre).to(wdt), w2t, acc, input_precision=PRECISION)
+        acc = _dot(_gelu(pre), w2t, acc, w1_ptr, PRECISION, UPCAST)
     return acc + tl.load(b2_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
 
 
@@ -131,6 +161,7 @@ def _trajectory_fwd_kernel(
     ehat_ptr, loss_part_ptr,
     L, D, H,
     R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_mask, _, pos, depth, pair0, cols, col_mask, mask, x0 = _load_block(
@@ -149,10 +180,11 @@ def _trajectory_fwd_kernel(
         eps = _level_noise(seed, noise_ptr, pair, pos, cols, active, col_mask, L, D, NOISE_MODE)
         ek = a * x0 + s * eps
         eps_hat = _denoiser_eps_hat(ek, level, cols, col_mask, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr,
-                                    D, H, BH, PRECISION)
+                                    D, H, BH, PRECISION, UPCAST)
         amask = active[:, None] & col_mask[None, :]
         ehat = (ek - s * eps_hat) / a
-        tl.store(ehat_ptr + (pair * L + pos)[:, None] * D + cols[None, :], ehat.to(out_dt), mask=amask)
+        tl.store(ehat_ptr + (pair * L + pos)[:, None] * D + cols[None, :], _round_to(ehat, ehat_ptr, UPCAST),
+                 mask=amask)
         err = tl.where(amask, eps_hat - eps, 0.0)
         loss += tl.sum(err * err, axis=1)
     tl.store(loss_part_ptr + pid, tl.sum(loss, axis=0) / D)
@@ -165,6 +197,7 @@ def _trajectory_bwd_rows_kernel(
     grad_ehat_ptr, loss_coef_ptr, de0_ptr, deps_hat_ptr,
     L, D, H,
     R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_mask, user, pos, depth, pair0, cols, col_mask, mask, x0 = _load_block(
@@ -174,7 +207,6 @@ def _trajectory_bwd_rows_kernel(
     seed = tl.load(seed_ptr)
     # dL/d eps_hat from L_deno = sum ||eps_hat - eps||^2 / (D * count), times the incoming grad.
     loss_coef = tl.load(loss_coef_ptr)
-    wdt = w1_ptr.dtype.element_ty
     for level in range(1, tl.max(depth) + 1):
         active = row_mask & (level <= depth)
         amask = active[:, None] & col_mask[None, :]
@@ -184,28 +216,27 @@ def _trajectory_bwd_rows_kernel(
         eps = _level_noise(seed, noise_ptr, pair, pos, cols, active, col_mask, L, D, NOISE_MODE)
         ek = a * x0 + s * eps
         eps_hat = _denoiser_eps_hat(ek, level, cols, col_mask, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr,
-                                    D, H, BH, PRECISION)
+                                    D, H, BH, PRECISION, UPCAST)
         out_offs = (pair * L + pos)[:, None] * D + cols[None, :]
         g = tl.load(grad_ehat_ptr + out_offs, mask=amask, other=0.0).to(tl.float32)
         # Ehat = (ek - s eps_hat) / a
         d_eps_hat = tl.where(amask, -(s / a) * g + loss_coef * (eps_hat - eps), 0.0)
         tl.store(deps_hat_ptr + out_offs, d_eps_hat, mask=amask)
         d_ek = g / a
-        d_eps_hat_w = d_eps_hat.to(wdt)
-        ek_w = ek.to(wdt)
         for h0 in range(0, H, BH):
             hid = h0 + tl.arange(0, BH)
             hmask = hid < H
             wmask = col_mask[:, None] & hmask[None, :]
             w1t = tl.load(w1_ptr + hid[None, :] * D + cols[:, None], mask=wmask, other=0.0)    # [BD, BH]
-            pre = tl.dot(ek_w, w1t, input_precision=PRECISION)
+            pre = _dot(ek, w1t, tl.zeros((R, BH), dtype=tl.float32), w1_ptr, PRECISION, UPCAST)
             pre += tl.load(b1_ptr + hid, mask=hmask, other=0.0).to(tl.float32)[None, :]
             pre += tl.load(step_ptr + level * H + hid, mask=hmask, other=0.0).to(tl.float32)[None, :]
             w2 = tl.load(w2_ptr + cols[:, None] * H + hid[None, :], mask=wmask, other=0.0)     # [BD, BH]
-            d_pre = tl.dot(d_eps_hat_w, w2, input_precision=PRECISION) * _gelu_grad(pre)
-            d_ek = tl.dot(d_pre.to(wdt), tl.trans(w1t), d_ek, input_precision=PRECISION)
+            d_pre = _dot(d_eps_hat, w2, tl.zeros((R, BH), dtype=tl.float32), w1_ptr, PRECISION, UPCAST)
+            d_pre = d_pre * _gelu_grad(pre)
+            d_ek = _dot(d_pre, tl.trans(w1t), d_ek, w1_ptr, PRECISION, UPCAST)
         dx0 += a * d_ek
-    tl.store(de0_ptr + (user * L + pos)[:, None] * D + cols[None, :], dx0.to(de0_ptr.dtype.element_ty), mask=mask)
+    tl.store(de0_ptr + (user * L + pos)[:, None] * D + cols[None, :], _round_to(dx0, de0_ptr, UPCAST), mask=mask)
 
 
 @triton.jit(do_not_specialize=["L", "D", "H", "num_blocks"])
@@ -215,7 +246,7 @@ def _trajectory_bwd_weights_kernel(
     deps_hat_ptr, dw1_part_ptr, db1_part_ptr, dstep_part_ptr, dw2_part_ptr, db2_part_ptr,
     L, D, H, num_blocks,
     R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, LEVELS: tl.constexpr, SPLITS: tl.constexpr,
-    NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr,
+    NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     split = tl.program_id(1)
@@ -224,7 +255,6 @@ def _trajectory_bwd_weights_kernel(
     hid = chunk * BH + tl.arange(0, BH)
     hmask = hid < H
     wmask = col_mask[:, None] & hmask[None, :]
-    wdt = w1_ptr.dtype.element_ty
     w1t = tl.load(w1_ptr + hid[None, :] * D + cols[:, None], mask=wmask, other=0.0)            # [BD, BH]
     w2 = tl.load(w2_ptr + cols[:, None] * H + hid[None, :], mask=wmask, other=0.0)             # [BD, BH]
     b1 = tl.load(b1_ptr + hid, mask=hmask, other=0.0).to(tl.float32)
@@ -249,16 +279,16 @@ def _trajectory_bwd_weights_kernel(
                 s = tl.load(sqrt_1m_abar_ptr + level).to(tl.float32)
                 pair = pair0 + level
                 eps = _level_noise(seed, noise_ptr, pair, pos, cols, active, col_mask, L, D, NOISE_MODE)
-                ek_w = (a * x0 + s * eps).to(wdt)
-                pre = tl.dot(ek_w, w1t, input_precision=PRECISION) + b1[None, :]
+                ek = a * x0 + s * eps
+                pre = _dot(ek, w1t, tl.zeros((R, BH), dtype=tl.float32), w1_ptr, PRECISION, UPCAST) + b1[None, :]
                 pre += tl.load(step_ptr + level * H + hid, mask=hmask, other=0.0).to(tl.float32)[None, :]
                 d_eps_hat = tl.load(deps_hat_ptr + (pair * L + pos)[:, None] * D + cols[None, :], mask=amask,
                                     other=0.0)
-                d_eps_hat_w = d_eps_hat.to(wdt)
-                d_pre = tl.dot(d_eps_hat_w, w2, input_precision=PRECISION) * _gelu_grad(pre)
+                d_pre = _dot(d_eps_hat, w2, tl.zeros((R, BH), dtype=tl.float32), w1_ptr, PRECISION, UPCAST)
+                d_pre = d_pre * _gelu_grad(pre)
                 d_pre = tl.where(active[:, None], d_pre, 0.0)
-                dw1t = tl.dot(tl.trans(ek_w), d_pre.to(wdt), dw1t, input_precision=PRECISION)
-                dw2 = tl.dot(tl.trans(d_eps_hat_w), _gelu(pre).to(wdt), dw2, input_precision=PRECISION)
+                dw1t = _dot(tl.trans(ek), d_pre, dw1t, w1_ptr, PRECISION, UPCAST)
+                dw2 = _dot(tl.trans(d_eps_hat), _gelu(pre), dw2, w1_ptr, PRECISION, UPCAST)
                 d_pre_sum = tl.sum(d_pre, axis=0)
                 db1 += d_pre_sum
                 dstep += tl.where(level_ids[:, None] == level, d_pre_sum[None, :], 0.0)
@@ -327,9 +357,11 @@ def _config(d: int, h: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         rows, block_h = 16, block_h // 2
     block_h = min(block_h, max(16, triton.next_power_of_2(h)))
-    # fp32 inputs: IEEE products to match the eager twin (tl.dot defaults to TF32 on GPUs).
-    precision = "ieee" if dtype == torch.float32 else None
-    return {"R": rows, "BD": block_d, "BH": block_h, "PRECISION": precision}
+    # Under the interpreter, bf16/fp16 products run on fp32 copies of the rounded operands (see _dot).
+    upcast = dtype != torch.float32 and triton_interpreter_enabled()
+    # fp32 (and upcast) operands: IEEE products to match the eager twin (tl.dot defaults to TF32 on GPUs).
+    precision = "ieee" if dtype == torch.float32 or upcast else None
+    return {"R": rows, "BD": block_d, "BH": block_h, "PRECISION": precision, "UPCAST": upcast}
 
 
 def _weight_splits(device: torch.device, num_chunks: int, num_blocks: int) -> int:
@@ -402,8 +434,7 @@ class FusedTrajectory(torch.autograd.Function):
         _trajectory_bwd_weights_kernel[(num_chunks, splits)](
             e0, noise_arg, seed, layout.row_user, layout.row_pos, layout.num_rows, layout.depth, layout.offsets,
             sa, s1m, w1, b1, step_table, w2, deps_hat, dw1, db1, dstep, dw2, db2, length, d, h, num_blocks,
-            R=cfg["R"], BD=cfg["BD"], BH=cfg["BH"], LEVELS=levels, SPLITS=splits, NOISE_MODE=mode,
-            PRECISION=cfg["PRECISION"],
+            LEVELS=levels, SPLITS=splits, NOISE_MODE=mode, **cfg,
         )
         wdt = w1.dtype
         return (de0, None, None, None, None, None, dw1.sum(0).to(wdt), db1.sum(0).to(b1.dtype),

@@ -42,7 +42,8 @@ def compile_all(arch: int) -> int:
     failures = 0
     for dtype, dim in (("bf16", 256), ("fp32", 64)):
         cfg = trajectory._config(dim, 4 * dim, torch.bfloat16 if dtype == "bf16" else torch.float32)
-        base = {"R": cfg["R"], "BD": cfg["BD"], "BH": cfg["BH"], "NOISE_MODE": 0, "PRECISION": cfg["PRECISION"]}
+        base = {"R": cfg["R"], "BD": cfg["BD"], "BH": cfg["BH"], "NOISE_MODE": 0, "PRECISION": cfg["PRECISION"],
+                "UPCAST": False}
         kernels = [
             (trajectory._trajectory_fwd_kernel, base),
             (trajectory._trajectory_bwd_rows_kernel, base),

@@ -246,6 +246,23 @@ def bf16_tolerance_check(fused, eager_bf16, reference, atol):
     assert (fused - reference).abs().max() <= bound, ((fused - reference).abs().max().item(), bound.item())
 
 
+@pytest.mark.parametrize("shape", [SHAPES["ragged"], SHAPES["odd_dims"]], ids=["ragged", "odd_dims"])
+def test_bf16_small_shapes_within_twice_eager_bf16_error(shape):
+    """bf16 at small shapes: compiled on a GPU, through the interpreter on CPU, where the kernel's
+    products run on fp32 copies of the bf16-rounded operands (the same arithmetic, see _dot)."""
+    reference = make_problem(**shape, dtype=torch.float32)
+    half = make_problem(**shape, dtype=torch.bfloat16)
+    grad_out = torch.randn(reference["noise"].shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ref = run(diffusion_trajectory, reference, grad_out=grad_out, noise=reference["noise"])
+    eager = run(diffusion_trajectory, half, grad_out=grad_out, noise=half["noise"])
+    fused = run(fused_diffusion_trajectory, half, grad_out=grad_out, noise=half["noise"])
+    assert fused[0].dtype == torch.bfloat16 and fused[2]["w1"].dtype == torch.bfloat16
+    bf16_tolerance_check(fused[0], eager[0], ref[0], atol=1e-2)
+    bf16_tolerance_check(fused[1], eager[1], ref[1], atol=1e-3)
+    for name in ref[2]:
+        bf16_tolerance_check(fused[2][name], eager[2][name], ref[2][name], atol=1e-2 * ref[2][name].abs().max().item())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dim", [64, 128, 256])
 def test_bf16_matches_fp32_reference_within_twice_eager_bf16_error(dim):
