@@ -342,8 +342,10 @@ def test_kernels_compile_for_an_h100_target_without_a_gpu(tmp_path):
     assert out.stdout.count("ok ") == 8, out.stdout
 
 
-def test_a_training_run_on_the_engine_with_the_fused_trajectory(tmp_path, monkeypatch):
-    """The whole path: DeepSpeed engine, fused trajectory and native fusion, one epoch, a test."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_training_run_on_the_engine_with_the_fused_trajectory(tmp_path, monkeypatch, precision):
+    """The whole path: DeepSpeed engine (fp32, or bf16 weights with fp32 master copies), fused
+    trajectory and native fusion, one epoch and a test."""
     from pathlib import Path
 
     from adarec.engine.trainer import run_training
@@ -355,7 +357,7 @@ def test_a_training_run_on_the_engine_with_the_fused_trajectory(tmp_path, monkey
     cfg = load_config(repo / "configs/adarec_beauty.yaml", [
         "data.max_users=120", "data.max_len=10", "model.hidden_size=16", "model.num_layers=1",
         "model.num_intent_clusters=4", "model.max_depth=2", "train.batch_size=32", "train.epochs=1",
-        f"train.device={DEVICE.type}", "kernels.backend=fused"])
+        f"train.device={DEVICE.type}", f"train.precision={precision}", "kernels.backend=fused"])
     result = run_training(cfg, tmp_path / "run")
     assert result["split"] == "test" and 0.0 <= result["NDCG@20"] <= 1.0
     stats = json.loads((tmp_path / "run" / "epochs.jsonl").read_text().splitlines()[0])
