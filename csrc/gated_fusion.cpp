@@ -203,10 +203,7 @@ BackwardResult gated_fusion_backward_cpu(const at::Tensor& grad_h, const at::Ten
     using acc_t = at::opmath_type<scalar_t>;
     gate_grad_cpu<scalar_t, acc_t>(grad_h, grad_z_coar, z_fin, z_coar, gate, d_pre, d_zc);
   });
-  // The gate's linear layer: plain ATen products in the accumulation dtype.
-  const auto d_w = d_pre.t().mm(z_coar.to(acc)).to(w_gate.scalar_type());
-  const auto d_b = d_pre.sum(0).to(w_gate.scalar_type());
-  d_zc.add_(d_pre.mm(w_gate.to(acc)));
+  const auto [d_w, d_b] = gate_linear_backward(d_pre, z_coar, w_gate, d_zc);
   auto d_fin = at::empty_like(fin);
   auto d_coar = at::empty_like(coar);
   auto d_g = at::empty_like(g);

@@ -97,4 +97,13 @@ inline at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Backward of the gate's linear layer pre = z_coar W^T + b, as ATen products in the accumulation
+// dtype of d_pre: returns (dW, db) in W's dtype and adds d_pre W to d_zc.
+inline std::pair<at::Tensor, at::Tensor> gate_linear_backward(const at::Tensor& d_pre, const at::Tensor& z_coar,
+                                                              const at::Tensor& w_gate, at::Tensor& d_zc) {
+  const auto acc = d_pre.scalar_type();
+  d_zc.add_(d_pre.mm(w_gate.to(acc)));
+  return {d_pre.t().mm(z_coar.to(acc)).to(w_gate.scalar_type()), d_pre.sum(0).to(w_gate.scalar_type())};
+}
+
 }  // namespace adarec

@@ -198,10 +198,7 @@ BackwardResult gated_fusion_backward_cuda(const at::Tensor& grad_h, const at::Te
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  // The gate's linear layer: cuBLAS products in the accumulation dtype.
-  const auto d_w = d_pre.t().mm(z_coar.to(acc)).to(w_gate.scalar_type());
-  const auto d_b = d_pre.sum(0).to(w_gate.scalar_type());
-  d_zc.add_(d_pre.mm(w_gate.to(acc)));
+  const auto [d_w, d_b] = gate_linear_backward(d_pre, z_coar, w_gate, d_zc);
   // Zero-initialised: the pair kernel is skipped for empty shapes. [P, D] and [P] are small.
   auto d_fin = at::empty_like(fin);
   auto d_coar = at::zeros_like(coar);

@@ -151,6 +151,20 @@ def _load_block(e0_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offs
     return row_mask, user, pos, depth, pair0, cols, col_mask, mask, x0
 
 
+@triton.jit
+def _noisy_level(level, x0, depth, row_mask, col_mask, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
+                 sqrt_1m_abar_ptr, L, D, NOISE_MODE: tl.constexpr):
+    """One level of the block's rows: which rows reach it, its schedule values, its pairs, the
+    noise eps and E^k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps (fp32)."""
+    active = row_mask & (level <= depth)
+    amask = active[:, None] & col_mask[None, :]
+    a = tl.load(sqrt_abar_ptr + level).to(tl.float32)
+    s = tl.load(sqrt_1m_abar_ptr + level).to(tl.float32)
+    pair = pair0 + level
+    eps = _level_noise(seed, noise_ptr, pair, pos, cols, active, col_mask, L, D, NOISE_MODE)
+    return active, amask, a, s, pair, eps, a * x0 + s * eps
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -164,7 +178,7 @@ def _trajectory_fwd_kernel(
     UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row_mask, _, pos, depth, pair0, cols, col_mask, mask, x0 = _load_block(
+    row_mask, _user, pos, depth, pair0, cols, col_mask, mask, x0 = _load_block(
         e0_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr, pid * R, L, D, R, BD)
     out_dt = ehat_ptr.dtype.element_ty
     # Level 0 is E^0 itself (every user has it in the packed layout; depth >= 0 guards misuse).
@@ -173,15 +187,11 @@ def _trajectory_fwd_kernel(
     seed = tl.load(seed_ptr)
     loss = tl.zeros((R,), dtype=tl.float32)
     for level in range(1, tl.max(depth) + 1):
-        active = row_mask & (level <= depth)
-        a = tl.load(sqrt_abar_ptr + level).to(tl.float32)
-        s = tl.load(sqrt_1m_abar_ptr + level).to(tl.float32)
-        pair = pair0 + level
-        eps = _level_noise(seed, noise_ptr, pair, pos, cols, active, col_mask, L, D, NOISE_MODE)
-        ek = a * x0 + s * eps
+        _active, amask, a, s, pair, eps, ek = _noisy_level(
+            level, x0, depth, row_mask, col_mask, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
+            sqrt_1m_abar_ptr, L, D, NOISE_MODE)
         eps_hat = _denoiser_eps_hat(ek, level, cols, col_mask, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr,
                                     D, H, BH, PRECISION, UPCAST)
-        amask = active[:, None] & col_mask[None, :]
         ehat = (ek - s * eps_hat) / a
         tl.store(ehat_ptr + (pair * L + pos)[:, None] * D + cols[None, :], _round_to(ehat, ehat_ptr, UPCAST),
                  mask=amask)
@@ -208,13 +218,9 @@ def _trajectory_bwd_rows_kernel(
     # dL/d eps_hat from L_deno = sum ||eps_hat - eps||^2 / (D * count), times the incoming grad.
     loss_coef = tl.load(loss_coef_ptr)
     for level in range(1, tl.max(depth) + 1):
-        active = row_mask & (level <= depth)
-        amask = active[:, None] & col_mask[None, :]
-        a = tl.load(sqrt_abar_ptr + level).to(tl.float32)
-        s = tl.load(sqrt_1m_abar_ptr + level).to(tl.float32)
-        pair = pair0 + level
-        eps = _level_noise(seed, noise_ptr, pair, pos, cols, active, col_mask, L, D, NOISE_MODE)
-        ek = a * x0 + s * eps
+        _active, amask, a, s, pair, eps, ek = _noisy_level(
+            level, x0, depth, row_mask, col_mask, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
+            sqrt_1m_abar_ptr, L, D, NOISE_MODE)
         eps_hat = _denoiser_eps_hat(ek, level, cols, col_mask, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr,
                                     D, H, BH, PRECISION, UPCAST)
         out_offs = (pair * L + pos)[:, None] * D + cols[None, :]
@@ -266,20 +272,13 @@ def _trajectory_bwd_weights_kernel(
     db2 = tl.zeros((BD,), dtype=tl.float32)
     dstep = tl.zeros((LEVELS, BH), dtype=tl.float32)
     for block in range(split, num_blocks, SPLITS):
-        row_mask, user, pos, depth, pair0 = _load_rows(row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr,
-                                                       offsets_ptr, block * R, R)
+        row_mask, _user, pos, depth, pair0, _cols, _col_mask, _mask, x0 = _load_block(
+            e0_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr, block * R, L, D, R, BD)
         if tl.max(depth) >= 1:
-            mask = row_mask[:, None] & col_mask[None, :]
-            x0 = tl.load(e0_ptr + (user * L + pos)[:, None] * D + cols[None, :], mask=mask,
-                         other=0.0).to(tl.float32)
             for level in range(1, tl.max(depth) + 1):
-                active = row_mask & (level <= depth)
-                amask = active[:, None] & col_mask[None, :]
-                a = tl.load(sqrt_abar_ptr + level).to(tl.float32)
-                s = tl.load(sqrt_1m_abar_ptr + level).to(tl.float32)
-                pair = pair0 + level
-                eps = _level_noise(seed, noise_ptr, pair, pos, cols, active, col_mask, L, D, NOISE_MODE)
-                ek = a * x0 + s * eps
+                active, amask, _a, _s, pair, _eps, ek = _noisy_level(
+                    level, x0, depth, row_mask, col_mask, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
+                    sqrt_1m_abar_ptr, L, D, NOISE_MODE)
                 pre = _dot(ek, w1t, tl.zeros((R, BH), dtype=tl.float32), w1_ptr, PRECISION, UPCAST) + b1[None, :]
                 pre += tl.load(step_ptr + level * H + hid, mask=hmask, other=0.0).to(tl.float32)[None, :]
                 d_eps_hat = tl.load(deps_hat_ptr + (pair * L + pos)[:, None] * D + cols[None, :], mask=amask,
@@ -308,7 +307,7 @@ def _noise_kernel(seed_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, 
                   L, D, R: tl.constexpr, BD: tl.constexpr, MAX_LEVEL: tl.constexpr):
     """Writes the noise the trajectory kernels draw, for testing the RNG stream."""
     pid = tl.program_id(0)
-    row_mask, _, pos, depth, pair0 = _load_rows(row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr,
+    row_mask, _user, pos, depth, pair0 = _load_rows(row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr,
                                                 offsets_ptr, pid * R, R)
     cols = tl.arange(0, BD)
     col_mask = cols < D
