@@ -102,6 +102,15 @@ class ModelConfig:
     """ADARec: weight of the exploration loss L_expl = -entropy (paper grid 0.001-0.1, best 0.01)."""
     cont_temperature: float = 0.07
     """ADARec: temperature of L_cont (cosine similarity InfoNCE)."""
+    depth_gradient: str = "probe"
+    """ADARec: how the depth controller learns to go deeper (docs/method.md 2.1). probe: also compute
+    level T_u + 1 with forward weight 0 and a straight-through mask, so the loss says what one more
+    level would do (one extra level per user); all: compute every level up to T_max (ablation);
+    none: only levels <= T_u, which gives no gradient towards deeper levels."""
+    eval_noise: str = "zero"
+    """ADARec: the trajectory at evaluation (docs/method.md 2.2). zero: eps = 0, each level
+    reconstructs from sqrt(abar_k) E^0; fixed: one fixed-seed Gaussian draw per (level, position,
+    channel), shared by all users; clean: every level's view is E^0 itself (no denoiser)."""
     crop_ratio: float = 0.2
     """ELCRec augmentation: fraction of the sequence kept by Crop, in (0, 1]."""
     mask_ratio: float = 0.7
@@ -432,6 +441,8 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
     for key in ("lambda_deno", "lambda_cont", "lambda_expl"):
         need(getattr(m, key) >= 0, f"model.{key}", "must be >= 0")
     need(m.cont_temperature > 0, "model.cont_temperature", "must be > 0")
+    choice("model.depth_gradient", ("probe", "all", "none"))
+    choice("model.eval_noise", ("zero", "fixed", "clean"))
     need(0.0 < m.crop_ratio <= 1.0, "model.crop_ratio", "must be in (0, 1]")
     for key in ("mask_ratio", "reorder_ratio"):
         need(0.0 <= getattr(m, key) <= 1.0, f"model.{key}", "must be in [0, 1]")

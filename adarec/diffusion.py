@@ -1,12 +1,17 @@
-"""Hierarchical Diffusion Augmentation, reference (eager) implementation (METHOD.md 2.2).
+"""Hierarchical Diffusion Augmentation, reference (eager) implementation (docs/method.md 2.2).
 
-Every user u has a depth T_u; only its levels k = 0..T_u exist, as rows of a packed layout of
-(user, level) pairs sorted by user: pair_user[P], pair_level[P], offsets[B+1], P = sum(T_u + 1).
-For each pair at level k >= 1, E^k = sqrt(abar_k) E^0 + sqrt(1 - abar_k) eps (fresh Gaussian per
-pair, position and channel), a per-position MLP predicts eps, and the one-shot reconstruction
+Every user u has a depth T_u; its levels k = 0..T_u are *active*. They are computed as rows of a
+packed layout of (user, level) pairs sorted by user: pair_user[P], pair_level[P], offsets[B+1].
+Depending on `model.depth_gradient` a user may also have inactive levels above T_u, computed only
+so that the depth controller gets a gradient towards deeper levels (docs/method.md 2.1): level
+T_u + 1 ("probe"), or every level up to T_max ("all"). A user's computed levels are always
+0..C_u - 1, contiguous.
+For each pair at level k >= 1, E^k = sqrt(abar_k) E^0 + sqrt(1 - abar_k) eps (a Gaussian per
+user, level, position and channel, so the same (user, level) gets the same noise whatever else
+is computed), a per-position MLP predicts eps, and the one-shot reconstruction
 Ehat^k = (E^k - sqrt(1 - abar_k) eps_hat) / sqrt(abar_k) is the level's view of the user.
 Level 0 is E^0 itself. Padding positions are not part of the trajectory: their rows are zero
-and they do not enter L_deno.
+and they do not enter L_deno. Only active pairs enter L_deno (`loss_weight`).
 
 This file is the readable definition and the test oracle of the fused Triton trajectory; the
 signature of `diffusion_trajectory` is the contract both share.
@@ -36,26 +41,45 @@ def level_tables(max_depth: int, steps: int = 50) -> tuple[torch.Tensor, torch.T
     return abar.sqrt().float(), (1.0 - abar).sqrt().float()
 
 
+DEPTH_GRADIENTS = ("probe", "all", "none")
+
+
 @dataclass
 class PackedLevels:
-    """The active (user, level) pairs of a batch, sorted by user then level."""
+    """The computed (user, level) pairs of a batch, sorted by user then level."""
 
-    pair_user: torch.Tensor   # int64 [P]
-    pair_level: torch.Tensor  # int64 [P]
-    offsets: torch.Tensor     # int64 [B+1]; user u owns rows offsets[u]:offsets[u+1]
+    pair_user: torch.Tensor    # int64 [P]
+    pair_level: torch.Tensor   # int64 [P]
+    offsets: torch.Tensor      # int64 [B+1]; user u owns rows offsets[u]:offsets[u+1]
+    pair_active: torch.Tensor  # bool [P]; level <= T_u (False: computed only for the controller's gradient)
 
     @property
     def num_pairs(self) -> int:
         return self.pair_user.numel()
 
 
-def pack_levels(depths: torch.Tensor) -> PackedLevels:
-    """Packed layout for depths T [B]: user u gets levels 0..T_u (levels above are never built)."""
-    counts = depths.long() + 1
+def pack_levels(depths: torch.Tensor, max_depth: int | None = None, depth_gradient: str = "none") -> PackedLevels:
+    """Packed layout for depths T [B].
+
+    none   user u gets levels 0..T_u, all active (levels above are never built);
+    probe  also level T_u + 1 when T_u < max_depth, inactive;
+    all    levels 0..max_depth, those above T_u inactive.
+    """
+    if depth_gradient not in DEPTH_GRADIENTS:
+        raise ValueError(f"depth_gradient must be one of {', '.join(DEPTH_GRADIENTS)}, got {depth_gradient!r}")
+    depths = depths.long()
+    if depth_gradient != "none" and max_depth is None:
+        raise ValueError(f"depth_gradient={depth_gradient!r} needs max_depth")
+    if depth_gradient == "probe":
+        counts = (depths + 2).clamp_max(max_depth + 1)
+    elif depth_gradient == "all":
+        counts = torch.full_like(depths, max_depth + 1)
+    else:
+        counts = depths + 1
     offsets = F.pad(counts.cumsum(0), (1, 0))
     pair_user = torch.repeat_interleave(torch.arange(depths.numel(), device=depths.device), counts)
     pair_level = torch.arange(pair_user.numel(), device=depths.device) - offsets[pair_user]
-    return PackedLevels(pair_user, pair_level, offsets)
+    return PackedLevels(pair_user, pair_level, offsets, pair_level <= depths[pair_user])
 
 
 def sinusoidal_embedding(steps: torch.Tensor, dim: int) -> torch.Tensor:
@@ -109,25 +133,29 @@ def diffusion_trajectory(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     zero_noise: bool = False,
+    loss_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reconstructions Ehat [P, L, D] of every active pair and the denoising loss L_deno.
+    """Reconstructions Ehat [P, L, D] of every computed pair and the denoising loss L_deno.
 
     e0 [B, L, D] left-padded (valid positions are the last lengths[u]); noise [P, L, D] may be
-    given for exact comparisons (default: fresh N(0, 1) from `generator`, or from a generator
-    seeded with `seed`; the fused twin draws a different but equally distributed stream).
-    `zero_noise` is the evaluation mode (eps = 0). Level-0 rows are E^0.
-    L_deno = mean over pairs with level >= 1 and valid positions of ||eps_hat - eps||^2 / D
-    (zero when no pair has level >= 1).
+    given for exact comparisons. By default eps is N(0, 1) drawn per (user, level) on a
+    [B, levels, L, D] grid from `generator` (or a generator seeded with `seed`), so a pair's noise
+    does not depend on which other pairs are computed; the fused twin draws a different but
+    equally distributed stream with the same keying. `zero_noise` is eps = 0. Level-0 rows are E^0.
+    L_deno = mean over pairs with level >= 1, loss_weight (default 1) and valid positions of
+    ||eps_hat - eps||^2 / D, the weights counting in the mean (zero when nothing enters it).
     """
     num_pairs = pair_user.numel()
-    length = e0.shape[1]
+    batch, length = e0.shape[:2]
     x0 = e0[pair_user]
     if zero_noise:
         noise = torch.zeros_like(x0)
     elif noise is None:
         if seed is not None:
             generator = torch.Generator(device=x0.device).manual_seed(int(seed))
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        grid = torch.randn((batch, sqrt_abar.numel(), *e0.shape[1:]), generator=generator, device=x0.device,
+                           dtype=x0.dtype)
+        noise = grid[pair_user, pair_level]
     valid = (torch.arange(length, device=e0.device)[None, :] >= (length - lengths[pair_user])[:, None])
     a = sqrt_abar.to(x0.dtype)[pair_level][:, None, None]
     s = sqrt_one_minus_abar.to(x0.dtype)[pair_level][:, None, None]
@@ -137,6 +165,8 @@ def diffusion_trajectory(
     noisy = (pair_level > 0)[:, None]
     e_hat = torch.where(noisy[..., None], e_hat, x0) * valid[..., None].to(x0.dtype)
     weight = (valid & noisy).to(torch.float32)
+    if loss_weight is not None:
+        weight = weight * loss_weight.to(torch.float32)[:, None]
     per_position = (eps_hat.float() - noise.float()).pow(2).mean(-1)
     loss = (per_position * weight).sum() / weight.sum().clamp_min(1.0)
     if num_pairs == 0:

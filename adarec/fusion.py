@@ -1,12 +1,15 @@
 """Depth-masked gated aggregation of the two experts, reference (eager) implementation.
 
-METHOD.md 2.3, over the packed (user, level) pairs of a batch:
-  z_fin  = sum_k m_k g_k       fin_k  / (sum_k m_k g_k       + 1e-8)     [B, L, D]
-  z_coar = sum_k m_k (1 - g_k) coar_k / (sum_k m_k (1 - g_k) + 1e-8)     [B, D]
-  gate   = sigmoid(z_coar W_g^T + b_g)                                   [B, D]
-  h      = gate * z_fin + (1 - gate) * z_coar                            [B, L, D]
-Only the pairs that exist (levels <= T_u) are summed: depth masking is the packed layout itself;
-m carries the controller's straight-through gradient (value 1).
+docs/method.md section 2.3. Training is causal, so everything is per position i; over the
+packed (user, level) pairs k of user b:
+  z_fin[b, i]  = sum_k m_k g_k[i]       fin_k[i]  / (sum_k m_k g_k[i]       + 1e-8)   [B, L, D]
+  z_coar[b, i] = sum_k m_k (1 - g_k[i]) coar_k[i] / (sum_k m_k (1 - g_k[i]) + 1e-8)   [B, L, D]
+  gate         = sigmoid(z_coar W_g^T + b_g)                                         [B, L, D]
+  h            = gate * z_fin + (1 - gate) * z_coar                                  [B, L, D]
+fin [P, L, D] is the fine expert's output, coar [P, L, D] the coarse expert's output on the
+prefix pools, g [P, L] the router weight. m [P] is the depth mask: value 1 for the levels
+<= T_u, 0 for a level computed only to give the controller a gradient (the "probe"), and in
+both cases the straight-through gradient of the controller's survival probability.
 
 This is the test oracle of the C++/CUDA fused op; `gated_fusion` is the contract both share.
 """
@@ -18,11 +21,16 @@ import torch
 EPS = 1e-8
 
 
+def segment_owner(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The segment of every row 0..num_rows-1 given offsets [B+1] (on device, no host sync)."""
+    rows = torch.arange(num_rows, device=offsets.device)
+    return torch.searchsorted(offsets[1:], rows, right=True)
+
+
 def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Sum rows of values [P, ...] per segment given offsets [B+1] -> [B, ...]."""
-    counts = offsets[1:] - offsets[:-1]
-    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=values.device), counts)
-    out = values.new_zeros((counts.numel(), *values.shape[1:]))
+    owner = segment_owner(offsets, values.shape[0])
+    out = values.new_zeros((offsets.numel() - 1, *values.shape[1:]))
     return out.index_add(0, owner, values)
 
 
@@ -35,11 +43,11 @@ def gated_fusion(
     w_gate: torch.Tensor,
     b_gate: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (h [B, L, D], z_coar [B, D]); see the module docstring."""
-    w_fin = m * g
-    w_coar = m * (1.0 - g)
-    z_fin = segment_sum(w_fin[:, None, None] * fin, offsets) / (segment_sum(w_fin, offsets)[:, None, None] + EPS)
-    z_coar = segment_sum(w_coar[:, None] * coar, offsets) / (segment_sum(w_coar, offsets)[:, None] + EPS)
+    """Returns (h [B, L, D], z_coar [B, L, D]); see the module docstring."""
+    w_fin = m[:, None] * g                 # [P, L]
+    w_coar = m[:, None] * (1.0 - g)
+    z_fin = segment_sum(w_fin[..., None] * fin, offsets) / (segment_sum(w_fin, offsets)[..., None] + EPS)
+    z_coar = segment_sum(w_coar[..., None] * coar, offsets) / (segment_sum(w_coar, offsets)[..., None] + EPS)
     gate = torch.sigmoid(torch.nn.functional.linear(z_coar, w_gate, b_gate))
-    h = gate[:, None, :] * z_fin + (1.0 - gate[:, None, :]) * z_coar[:, None, :]
+    h = gate * z_fin + (1.0 - gate) * z_coar
     return h, z_coar

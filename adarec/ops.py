@@ -105,7 +105,7 @@ def gated_fusion(
     w_gate: torch.Tensor,
     b_gate: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Native twin of `adarec.fusion.gated_fusion`: (h [B, L, D], z_coar [B, D]).
+    """Native twin of `adarec.fusion.gated_fusion`: (h [B, L, D], z_coar [B, L, D]).
 
     Inputs are made contiguous here; the C++ entry points check device, dtype and shapes and
     name the argument that is wrong.

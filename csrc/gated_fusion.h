@@ -1,5 +1,6 @@
-// Gated expert fusion (METHOD.md 2.3): shared declarations and input checks of the CPU and CUDA
-// implementations. The eager twin and the definition of every quantity is adarec/fusion.py.
+// Gated expert fusion (docs/method.md 2.3): shared declarations and input checks of the CPU and
+// CUDA implementations. The eager twin and the definition of every quantity is adarec/fusion.py.
+// Everything is per position (training is causal): coar [P, L, D], g [P, L], outputs [B, L, D].
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,10 +22,11 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 inline void check_fusion_inputs(const at::Tensor& fin, const at::Tensor& coar, const at::Tensor& g,
                                 const at::Tensor& m, const at::Tensor& offsets, const at::Tensor& w_gate) {
   TORCH_CHECK(fin.dim() == 3, "gated_fusion: fin must be [P, L, D], got ", fin.sizes());
-  const auto P = fin.size(0), D = fin.size(2);
-  TORCH_CHECK(coar.dim() == 2 && coar.size(0) == P && coar.size(1) == D,
-              "gated_fusion: coar must be [P, D] = [", P, ", ", D, "], got ", coar.sizes());
-  TORCH_CHECK(g.dim() == 1 && g.size(0) == P, "gated_fusion: g must be [P] = [", P, "], got ", g.sizes());
+  const auto P = fin.size(0), L = fin.size(1), D = fin.size(2);
+  TORCH_CHECK(coar.sizes() == fin.sizes(), "gated_fusion: coar must be [P, L, D] = [", P, ", ", L, ", ", D,
+              "], got ", coar.sizes());
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == P && g.size(1) == L, "gated_fusion: g must be [P, L] = [", P, ", ", L,
+              "], got ", g.sizes());
   TORCH_CHECK(m.dim() == 1 && m.size(0) == P, "gated_fusion: m must be [P] = [", P, "], got ", m.sizes());
   TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1, "gated_fusion: offsets must be [B + 1], got ",
               offsets.sizes());
@@ -63,9 +65,9 @@ inline void check_saved_for_backward(const at::Tensor& fin, const at::Tensor& of
                                      const at::Tensor& z_coar, const at::Tensor& gate, const at::Tensor& den_fin,
                                      const at::Tensor& den_coar) {
   const auto B = offsets.size(0) - 1, L = fin.size(1), D = fin.size(2);
-  TORCH_CHECK(z_fin.sizes() == at::IntArrayRef({B, L, D}) && z_coar.sizes() == at::IntArrayRef({B, D}) &&
-                  gate.sizes() == at::IntArrayRef({B, D}) && den_fin.sizes() == at::IntArrayRef({B}) &&
-                  den_coar.sizes() == at::IntArrayRef({B}),
+  TORCH_CHECK(z_fin.sizes() == at::IntArrayRef({B, L, D}) && z_coar.sizes() == at::IntArrayRef({B, L, D}) &&
+                  gate.sizes() == at::IntArrayRef({B, L, D}) && den_fin.sizes() == at::IntArrayRef({B, L}) &&
+                  den_coar.sizes() == at::IntArrayRef({B, L}),
               "gated_fusion backward: the saved z_fin / z_coar / gate / denominators do not match B = ", B,
               ", L = ", L, ", D = ", D);
   for (const at::Tensor* t : {&z_fin, &z_coar, &gate, &den_fin, &den_coar}) {
@@ -97,13 +99,17 @@ inline at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Backward of the gate's linear layer pre = z_coar W^T + b, as ATen products in the accumulation
-// dtype of d_pre: returns (dW, db) in W's dtype and adds d_pre W to d_zc.
+// Backward of the gate's linear layer pre = z_coar W^T + b over the B * L positions, as ATen
+// products in the accumulation dtype of d_pre ([B, L, D]): returns (dW, db) in W's dtype and
+// adds d_pre W to d_zc ([B, L, D], same dtype as d_pre).
 inline std::pair<at::Tensor, at::Tensor> gate_linear_backward(const at::Tensor& d_pre, const at::Tensor& z_coar,
                                                               const at::Tensor& w_gate, at::Tensor& d_zc) {
   const auto acc = d_pre.scalar_type();
-  d_zc.add_(d_pre.mm(w_gate.to(acc)));
-  return {d_pre.t().mm(z_coar.to(acc)).to(w_gate.scalar_type()), d_pre.sum(0).to(w_gate.scalar_type())};
+  const auto D = w_gate.size(0);
+  const auto d_pre2 = d_pre.reshape({-1, D});
+  d_zc.view({-1, D}).add_(d_pre2.mm(w_gate.to(acc)));
+  return {d_pre2.t().mm(z_coar.reshape({-1, D}).to(acc)).to(w_gate.scalar_type()),
+          d_pre2.sum(0).to(w_gate.scalar_type())};
 }
 
 }  // namespace adarec

@@ -11,10 +11,15 @@ of one block at similar depths, so few rows idle in the level loop. The row map 
 the device from `lengths` and the packed pairs, with an upper bound (B * L rows) as the grid
 so no host synchronisation is needed and ragged lengths never recompile anything.
 
-Noise. eps for (pair, position, channel) is Philox(seed; counter = (position * D + channel,
-pair)), Box-Muller'd to N(0, 1). The backward regenerates the same values from the same
-counters, so no noise tensor is ever stored. `noise=` replaces the RNG by a given [P, L, D]
-tensor (for exact comparison with the eager twin); `zero_noise=True` is the evaluation mode.
+Noise. eps for (user, level, position, channel) is Philox(seed; counter = (position * D +
+channel, user * levels + level)), Box-Muller'd to N(0, 1). Keying by (user, level) rather than
+by packed pair keeps a pair's noise independent of which other levels are computed (the
+depth-gradient probe adds pairs without moving any value). The backward regenerates the same
+values from the same counters, so no noise tensor is ever stored. `noise=` replaces the RNG by
+a given [P, L, D] tensor (for exact comparison with the eager twin); `zero_noise=True` is eps = 0.
+
+L_deno counts only pairs with `loss_weight` > 0 (the active levels; a probe level is computed
+for its reconstruction but is not part of the denoising objective).
 
 Backward, in two kernels:
 1. rows kernel (same layout as the forward): recompute eps_hat, form d eps_hat, push it back
@@ -52,12 +57,13 @@ def _gelu_grad(x):
 
 
 @triton.jit
-def _level_noise(seed, noise_ptr, pair, pos, cols, row_mask, col_mask, L, D, NOISE_MODE: tl.constexpr):
-    """eps [R, BD] (fp32) of the given pairs [R] at positions pos [R]."""
+def _level_noise(seed, noise_ptr, key, pair, pos, cols, row_mask, col_mask, L, D, NOISE_MODE: tl.constexpr):
+    """eps [R, BD] (fp32) of rows with RNG keys key [R] (user * levels + level) or, for given
+    noise, packed pairs pair [R], at positions pos [R]."""
     mask = row_mask[:, None] & col_mask[None, :]
     if NOISE_MODE == 0:
         c0 = (pos[:, None] * D + cols[None, :]).to(tl.uint32)
-        c1 = (pair[:, None] + cols[None, :] * 0).to(tl.uint32)
+        c1 = (key[:, None] + cols[None, :] * 0).to(tl.uint32)
         zero = tl.zeros_like(c0)
         i1, i2, _, _ = tl.philox(seed, c0, c1, zero, zero)
         u1 = tl.uint_to_uniform_float(i1)
@@ -152,8 +158,8 @@ def _load_block(e0_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offs
 
 
 @triton.jit
-def _noisy_level(level, x0, depth, row_mask, col_mask, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
-                 sqrt_1m_abar_ptr, L, D, NOISE_MODE: tl.constexpr):
+def _noisy_level(level, x0, depth, row_mask, col_mask, user, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
+                 sqrt_1m_abar_ptr, L, D, NUM_LEVELS, NOISE_MODE: tl.constexpr):
     """One level of the block's rows: which rows reach it, its schedule values, its pairs, the
     noise eps and E^k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps (fp32)."""
     active = row_mask & (level <= depth)
@@ -161,24 +167,25 @@ def _noisy_level(level, x0, depth, row_mask, col_mask, pair0, pos, cols, seed, n
     a = tl.load(sqrt_abar_ptr + level).to(tl.float32)
     s = tl.load(sqrt_1m_abar_ptr + level).to(tl.float32)
     pair = pair0 + level
-    eps = _level_noise(seed, noise_ptr, pair, pos, cols, active, col_mask, L, D, NOISE_MODE)
+    eps = _level_noise(seed, noise_ptr, user * NUM_LEVELS + level, pair, pos, cols, active, col_mask, L, D,
+                       NOISE_MODE)
     return active, amask, a, s, pair, eps, a * x0 + s * eps
 
 
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit(do_not_specialize=["L", "D", "H"])
+@triton.jit(do_not_specialize=["L", "D", "H", "NUM_LEVELS"])
 def _trajectory_fwd_kernel(
     e0_ptr, noise_ptr, seed_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr,
-    sqrt_abar_ptr, sqrt_1m_abar_ptr, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr,
+    sqrt_abar_ptr, sqrt_1m_abar_ptr, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr, loss_w_ptr,
     ehat_ptr, loss_part_ptr,
-    L, D, H,
+    L, D, H, NUM_LEVELS,
     R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row_mask, _user, pos, depth, pair0, cols, col_mask, mask, x0 = _load_block(
+    row_mask, user, pos, depth, pair0, cols, col_mask, mask, x0 = _load_block(
         e0_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr, pid * R, L, D, R, BD)
     out_dt = ehat_ptr.dtype.element_ty
     # Level 0 is E^0 itself (every user has it in the packed layout; depth >= 0 guards misuse).
@@ -187,25 +194,26 @@ def _trajectory_fwd_kernel(
     seed = tl.load(seed_ptr)
     loss = tl.zeros((R,), dtype=tl.float32)
     for level in range(1, tl.max(depth) + 1):
-        _active, amask, a, s, pair, eps, ek = _noisy_level(
-            level, x0, depth, row_mask, col_mask, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
-            sqrt_1m_abar_ptr, L, D, NOISE_MODE)
+        active, amask, a, s, pair, eps, ek = _noisy_level(
+            level, x0, depth, row_mask, col_mask, user, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
+            sqrt_1m_abar_ptr, L, D, NUM_LEVELS, NOISE_MODE)
         eps_hat = _denoiser_eps_hat(ek, level, cols, col_mask, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr,
                                     D, H, BH, PRECISION, UPCAST)
         ehat = (ek - s * eps_hat) / a
         tl.store(ehat_ptr + (pair * L + pos)[:, None] * D + cols[None, :], _round_to(ehat, ehat_ptr, UPCAST),
                  mask=amask)
         err = tl.where(amask, eps_hat - eps, 0.0)
-        loss += tl.sum(err * err, axis=1)
+        loss_w = tl.load(loss_w_ptr + pair, mask=active, other=0.0)
+        loss += tl.sum(err * err, axis=1) * loss_w
     tl.store(loss_part_ptr + pid, tl.sum(loss, axis=0) / D)
 
 
-@triton.jit(do_not_specialize=["L", "D", "H"])
+@triton.jit(do_not_specialize=["L", "D", "H", "NUM_LEVELS"])
 def _trajectory_bwd_rows_kernel(
     e0_ptr, noise_ptr, seed_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr,
-    sqrt_abar_ptr, sqrt_1m_abar_ptr, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr,
+    sqrt_abar_ptr, sqrt_1m_abar_ptr, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr, loss_w_ptr,
     grad_ehat_ptr, loss_coef_ptr, de0_ptr, deps_hat_ptr,
-    L, D, H,
+    L, D, H, NUM_LEVELS,
     R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -215,18 +223,19 @@ def _trajectory_bwd_rows_kernel(
     dx0 = tl.load(grad_ehat_ptr + (pair0 * L + pos)[:, None] * D + cols[None, :],
                   mask=mask & (depth >= 0)[:, None], other=0.0).to(tl.float32)
     seed = tl.load(seed_ptr)
-    # dL/d eps_hat from L_deno = sum ||eps_hat - eps||^2 / (D * count), times the incoming grad.
+    # dL/d eps_hat from L_deno = sum w ||eps_hat - eps||^2 / (D * count), times the incoming grad.
     loss_coef = tl.load(loss_coef_ptr)
     for level in range(1, tl.max(depth) + 1):
-        _active, amask, a, s, pair, eps, ek = _noisy_level(
-            level, x0, depth, row_mask, col_mask, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
-            sqrt_1m_abar_ptr, L, D, NOISE_MODE)
+        active, amask, a, s, pair, eps, ek = _noisy_level(
+            level, x0, depth, row_mask, col_mask, user, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
+            sqrt_1m_abar_ptr, L, D, NUM_LEVELS, NOISE_MODE)
         eps_hat = _denoiser_eps_hat(ek, level, cols, col_mask, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr,
                                     D, H, BH, PRECISION, UPCAST)
         out_offs = (pair * L + pos)[:, None] * D + cols[None, :]
         g = tl.load(grad_ehat_ptr + out_offs, mask=amask, other=0.0).to(tl.float32)
         # Ehat = (ek - s eps_hat) / a
-        d_eps_hat = tl.where(amask, -(s / a) * g + loss_coef * (eps_hat - eps), 0.0)
+        loss_w = tl.load(loss_w_ptr + pair, mask=active, other=0.0)
+        d_eps_hat = tl.where(amask, -(s / a) * g + (loss_coef * loss_w)[:, None] * (eps_hat - eps), 0.0)
         tl.store(deps_hat_ptr + out_offs, d_eps_hat, mask=amask)
         d_ek = g / a
         for h0 in range(0, H, BH):
@@ -245,12 +254,12 @@ def _trajectory_bwd_rows_kernel(
     tl.store(de0_ptr + (user * L + pos)[:, None] * D + cols[None, :], _round_to(dx0, de0_ptr, UPCAST), mask=mask)
 
 
-@triton.jit(do_not_specialize=["L", "D", "H", "num_blocks"])
+@triton.jit(do_not_specialize=["L", "D", "H", "NUM_LEVELS", "num_blocks"])
 def _trajectory_bwd_weights_kernel(
     e0_ptr, noise_ptr, seed_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr,
     sqrt_abar_ptr, sqrt_1m_abar_ptr, w1_ptr, b1_ptr, step_ptr, w2_ptr,
     deps_hat_ptr, dw1_part_ptr, db1_part_ptr, dstep_part_ptr, dw2_part_ptr, db2_part_ptr,
-    L, D, H, num_blocks,
+    L, D, H, NUM_LEVELS, num_blocks,
     R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, LEVELS: tl.constexpr, SPLITS: tl.constexpr,
     NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -272,13 +281,13 @@ def _trajectory_bwd_weights_kernel(
     db2 = tl.zeros((BD,), dtype=tl.float32)
     dstep = tl.zeros((LEVELS, BH), dtype=tl.float32)
     for block in range(split, num_blocks, SPLITS):
-        row_mask, _user, pos, depth, pair0, _cols, _col_mask, _mask, x0 = _load_block(
+        row_mask, user, pos, depth, pair0, _cols, _col_mask, _mask, x0 = _load_block(
             e0_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr, block * R, L, D, R, BD)
         if tl.max(depth) >= 1:
             for level in range(1, tl.max(depth) + 1):
                 active, amask, _a, _s, pair, _eps, ek = _noisy_level(
-                    level, x0, depth, row_mask, col_mask, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
-                    sqrt_1m_abar_ptr, L, D, NOISE_MODE)
+                    level, x0, depth, row_mask, col_mask, user, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
+                    sqrt_1m_abar_ptr, L, D, NUM_LEVELS, NOISE_MODE)
                 pre = _dot(ek, w1t, tl.zeros((R, BH), dtype=tl.float32), w1_ptr, PRECISION, UPCAST) + b1[None, :]
                 pre += tl.load(step_ptr + level * H + hid, mask=hmask, other=0.0).to(tl.float32)[None, :]
                 d_eps_hat = tl.load(deps_hat_ptr + (pair * L + pos)[:, None] * D + cols[None, :], mask=amask,
@@ -302,20 +311,20 @@ def _trajectory_bwd_weights_kernel(
         tl.store(db2_part_ptr + split * D + cols, db2, mask=col_mask)
 
 
-@triton.jit(do_not_specialize=["L", "D"])
+@triton.jit(do_not_specialize=["L", "D", "NUM_LEVELS"])
 def _noise_kernel(seed_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr, noise_ptr,
-                  L, D, R: tl.constexpr, BD: tl.constexpr, MAX_LEVEL: tl.constexpr):
+                  L, D, NUM_LEVELS, R: tl.constexpr, BD: tl.constexpr, MAX_LEVEL: tl.constexpr):
     """Writes the noise the trajectory kernels draw, for testing the RNG stream."""
     pid = tl.program_id(0)
-    row_mask, _user, pos, depth, pair0 = _load_rows(row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr,
-                                                offsets_ptr, pid * R, R)
+    row_mask, user, pos, depth, pair0 = _load_rows(row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr,
+                                               offsets_ptr, pid * R, R)
     cols = tl.arange(0, BD)
     col_mask = cols < D
     seed = tl.load(seed_ptr)
     for level in range(1, MAX_LEVEL + 1):
         active = row_mask & (level <= depth)
         pair = pair0 + level
-        eps = _level_noise(seed, noise_ptr, pair, pos, cols, active, col_mask, L, D, 0)
+        eps = _level_noise(seed, noise_ptr, user * NUM_LEVELS + level, pair, pos, cols, active, col_mask, L, D, 0)
         tl.store(noise_ptr + (pair * L + pos)[:, None] * D + cols[None, :], eps,
                  mask=active[:, None] & col_mask[None, :])
 
@@ -326,7 +335,8 @@ def _noise_kernel(seed_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, 
 class _Layout:
     """Depth-sorted row map of the valid positions, built on the device without host syncs."""
 
-    def __init__(self, lengths: torch.Tensor, pair_user: torch.Tensor, batch: int, length: int):
+    def __init__(self, lengths: torch.Tensor, pair_user: torch.Tensor, batch: int, length: int,
+                 pair_level: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None):
         device = pair_user.device
         counts = torch.zeros(batch, dtype=torch.int64, device=device).index_add_(
             0, pair_user, torch.ones_like(pair_user))
@@ -341,8 +351,12 @@ class _Layout:
         self.row_user = user.to(torch.int32)
         self.row_pos = (length - lengths[user] + rows - row_start[slot]).clamp(0, length - 1).to(torch.int32)
         self.num_rows = row_start[-1:].to(torch.int32)
-        # Rows entering L_deno: valid positions at levels >= 1.
-        self.noisy_rows = (lengths * (counts - 1)).sum().to(torch.float32).clamp_min(1.0)
+        # Rows entering L_deno: valid positions at levels >= 1, weighted by the pairs' loss weights.
+        if loss_weight is None:
+            self.noisy_rows = (lengths * (counts - 1)).sum().to(torch.float32).clamp_min(1.0)
+        else:
+            noisy = (pair_level > 0).to(torch.float32) * loss_weight.to(torch.float32)
+            self.noisy_rows = (lengths[pair_user].to(torch.float32) * noisy).sum().clamp_min(1.0)
         self.max_rows = batch * length
 
 
@@ -379,14 +393,17 @@ def _noise_mode(noise, zero_noise) -> int:
 class FusedTrajectory(torch.autograd.Function):
     @staticmethod
     def forward(ctx, e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_1m_abar, w1, b1, step_table, w2, b2,
-                noise, seed, zero_noise):
+                noise, seed, zero_noise, loss_weight):
         batch, length, d = e0.shape
         h = w1.shape[0]
         e0 = e0.contiguous()
         w1, b1, step_table, w2, b2 = (t.contiguous() for t in (w1, b1, step_table, w2, b2))
         mode = _noise_mode(noise, zero_noise)
         noise_arg = noise.contiguous() if mode == NOISE_GIVEN else e0
-        layout = _Layout(lengths, pair_user, batch, length)
+        layout = _Layout(lengths, pair_user, batch, length, pair_level, loss_weight)
+        loss_w = (torch.ones(pair_user.shape, dtype=torch.float32, device=e0.device) if loss_weight is None
+                  else loss_weight.to(device=e0.device, dtype=torch.float32).contiguous())
+        num_levels = sqrt_abar.numel()
         cfg = _config(d, h, e0.dtype)
         grid = (triton.cdiv(layout.max_rows, cfg["R"]),)
         ehat = torch.zeros((pair_user.numel(), length, d), dtype=e0.dtype, device=e0.device)
@@ -395,18 +412,20 @@ class FusedTrajectory(torch.autograd.Function):
         s1m = sqrt_1m_abar.to(device=e0.device, dtype=torch.float32).contiguous()
         _trajectory_fwd_kernel[grid](
             e0, noise_arg, seed, layout.row_user, layout.row_pos, layout.num_rows, layout.depth, layout.offsets,
-            sa, s1m, w1, b1, step_table, w2, b2, ehat, loss_part, length, d, h,
+            sa, s1m, w1, b1, step_table, w2, b2, loss_w, ehat, loss_part, length, d, h, num_levels,
             NOISE_MODE=mode, **cfg,
         )
         loss = loss_part.sum() / layout.noisy_rows
-        ctx.save_for_backward(e0, noise if mode == NOISE_GIVEN else None, seed, sa, s1m, w1, b1, step_table, w2, b2)
+        ctx.save_for_backward(e0, noise if mode == NOISE_GIVEN else None, seed, sa, s1m, w1, b1, step_table, w2, b2,
+                              loss_w)
         ctx.layout, ctx.cfg, ctx.mode = layout, cfg, mode
         ctx.step_dtype, ctx.levels = step_table.dtype, step_table.shape[0]
         return ehat, loss
 
     @staticmethod
     def backward(ctx, grad_ehat, grad_loss):
-        e0, noise, seed, sa, s1m, w1, b1, step_table, w2, b2 = ctx.saved_tensors
+        e0, noise, seed, sa, s1m, w1, b1, step_table, w2, b2, loss_w = ctx.saved_tensors
+        num_levels = sa.numel()
         layout, cfg, mode = ctx.layout, ctx.cfg, ctx.mode
         _, length, d = e0.shape
         h = w1.shape[0]
@@ -418,8 +437,8 @@ class FusedTrajectory(torch.autograd.Function):
         num_blocks = triton.cdiv(layout.max_rows, cfg["R"])
         _trajectory_bwd_rows_kernel[(num_blocks,)](
             e0, noise_arg, seed, layout.row_user, layout.row_pos, layout.num_rows, layout.depth, layout.offsets,
-            sa, s1m, w1, b1, step_table, w2, b2, grad_ehat, loss_coef, de0, deps_hat, length, d, h,
-            NOISE_MODE=mode, **cfg,
+            sa, s1m, w1, b1, step_table, w2, b2, loss_w, grad_ehat, loss_coef, de0, deps_hat, length, d, h,
+            num_levels, NOISE_MODE=mode, **cfg,
         )
         num_chunks = triton.cdiv(h, cfg["BH"])
         splits = _weight_splits(e0.device, num_chunks, num_blocks)
@@ -432,13 +451,14 @@ class FusedTrajectory(torch.autograd.Function):
         dstep = torch.empty((splits, levels, h), **f32)
         _trajectory_bwd_weights_kernel[(num_chunks, splits)](
             e0, noise_arg, seed, layout.row_user, layout.row_pos, layout.num_rows, layout.depth, layout.offsets,
-            sa, s1m, w1, b1, step_table, w2, deps_hat, dw1, db1, dstep, dw2, db2, length, d, h, num_blocks,
+            sa, s1m, w1, b1, step_table, w2, deps_hat, dw1, db1, dstep, dw2, db2, length, d, h, num_levels,
+            num_blocks,
             LEVELS=levels, SPLITS=splits, NOISE_MODE=mode, **cfg,
         )
         wdt = w1.dtype
         return (de0, None, None, None, None, None, dw1.sum(0).to(wdt), db1.sum(0).to(b1.dtype),
                 dstep.sum(0)[: ctx.levels].to(ctx.step_dtype), dw2.sum(0).to(w2.dtype), db2.sum(0).to(b2.dtype),
-                None, None, None)
+                None, None, None, None)
 
 
 def _as_seed_tensor(seed, generator, device) -> torch.Tensor:
@@ -500,31 +520,34 @@ def fused_diffusion_trajectory(
     generator: torch.Generator | None = None,
     seed: int | torch.Tensor | None = None,
     zero_noise: bool = False,
+    loss_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused twin of `adarec.diffusion.diffusion_trajectory` (same arguments and results).
 
-    The pairs must follow the packed layout (sorted by user, levels 0..T_u contiguous, as
-    `adarec.diffusion.pack_levels` builds them). Noise comes from Philox keyed by `seed`
-    (drawn from torch's RNG, or `generator`, when not given); `noise` replaces it exactly.
+    The pairs must follow the packed layout (sorted by user, each user's computed levels
+    0..C_u - 1 contiguous, as `adarec.diffusion.pack_levels` builds them). Noise comes from
+    Philox keyed by `seed` (drawn from torch's RNG, or `generator`, when not given) and
+    (user, level); `noise` replaces it exactly.
     """
     _check(e0, lengths, pair_user, pair_level, sqrt_abar, w1, step_table, w2, noise)
     if pair_user.numel() == 0:
         return e0.new_zeros((0, *e0.shape[1:])), e0.sum() * 0.0
     seed_t = _as_seed_tensor(seed, generator, e0.device)
     return FusedTrajectory.apply(e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar, w1, b1,
-                                 step_table, w2, b2, noise, seed_t, zero_noise)
+                                 step_table, w2, b2, noise, seed_t, zero_noise, loss_weight)
 
 
 def trajectory_noise(e0: torch.Tensor, lengths: torch.Tensor, pair_user: torch.Tensor, max_level: int,
-                     seed: int | torch.Tensor) -> torch.Tensor:
+                     seed: int | torch.Tensor, num_levels: int | None = None) -> torch.Tensor:
     """The [P, L, D] noise the fused kernels draw for these pairs and seed (zero where unused:
-    level-0 rows and padding). For tests of the RNG stream; training never materialises it."""
+    level-0 rows and padding), with a schedule of num_levels levels (default max_level + 1).
+    For tests of the RNG stream; training never materialises it."""
     batch, length, d = e0.shape
     layout = _Layout(lengths, pair_user, batch, length)
     cfg = _config(d, 4 * d, torch.float32)
     out = torch.zeros((pair_user.numel(), length, d), dtype=torch.float32, device=e0.device)
     _noise_kernel[(triton.cdiv(layout.max_rows, cfg["R"]),)](
         _as_seed_tensor(seed, None, e0.device), layout.row_user, layout.row_pos, layout.num_rows, layout.depth,
-        layout.offsets, out, length, d, R=cfg["R"], BD=cfg["BD"], MAX_LEVEL=max_level,
+        layout.offsets, out, length, d, num_levels or max_level + 1, R=cfg["R"], BD=cfg["BD"], MAX_LEVEL=max_level,
     )
     return out

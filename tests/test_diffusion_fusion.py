@@ -62,25 +62,30 @@ def trajectory_ref(e0, lengths, depths, sqrt_abar, sqrt_one_minus, w1, b1, step_
 
 
 def fusion_ref(fin, coar, g, m, counts, w_gate, b_gate):
-    """METHOD.md 2.3, one user at a time, one level at a time."""
+    """docs/method.md 2.3, one user, one position and one level at a time."""
     hs, zcs = [], []
     row = 0
+    length = fin.shape[1]
     for c in counts:
-        num_fin = torch.zeros_like(fin[0])
-        den_fin = torch.zeros((), dtype=fin.dtype)
-        num_coar = torch.zeros_like(coar[0])
-        den_coar = torch.zeros((), dtype=fin.dtype)
-        for _ in range(c):
-            num_fin = num_fin + m[row] * g[row] * fin[row]
-            den_fin = den_fin + m[row] * g[row]
-            num_coar = num_coar + m[row] * (1.0 - g[row]) * coar[row]
-            den_coar = den_coar + m[row] * (1.0 - g[row])
-            row += 1
-        z_fin = num_fin / (den_fin + 1e-8)
-        z_coar = num_coar / (den_coar + 1e-8)
-        gate = 1.0 / (1.0 + torch.exp(-(w_gate @ z_coar + b_gate)))
-        hs.append(gate * z_fin + (1.0 - gate) * z_coar)
-        zcs.append(z_coar)
+        h_user, zc_user = [], []
+        for i in range(length):
+            num_fin = torch.zeros_like(fin[0, 0])
+            den_fin = torch.zeros((), dtype=fin.dtype)
+            num_coar = torch.zeros_like(coar[0, 0])
+            den_coar = torch.zeros((), dtype=fin.dtype)
+            for k in range(row, row + c):
+                num_fin = num_fin + m[k] * g[k, i] * fin[k, i]
+                den_fin = den_fin + m[k] * g[k, i]
+                num_coar = num_coar + m[k] * (1.0 - g[k, i]) * coar[k, i]
+                den_coar = den_coar + m[k] * (1.0 - g[k, i])
+            z_fin = num_fin / (den_fin + 1e-8)
+            z_coar = num_coar / (den_coar + 1e-8)
+            gate = 1.0 / (1.0 + torch.exp(-(w_gate @ z_coar + b_gate)))
+            h_user.append(gate * z_fin + (1.0 - gate) * z_coar)
+            zc_user.append(z_coar)
+        row += c
+        hs.append(torch.stack(h_user))
+        zcs.append(torch.stack(zc_user))
     return torch.stack(hs), torch.stack(zcs)
 
 
@@ -302,15 +307,15 @@ def test_gated_fusion_matches_per_user_loop(depths, dim):
     def leaf(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).requires_grad_()
 
-    fin, coar = leaf(p, length, dim), leaf(p, dim)
-    g = torch.rand(p, generator=gen, dtype=torch.float64).mul(0.9).add(0.05).requires_grad_()
+    fin, coar = leaf(p, length, dim), leaf(p, length, dim)
+    g = torch.rand(p, length, generator=gen, dtype=torch.float64).mul(0.9).add(0.05).requires_grad_()
     m = torch.rand(p, generator=gen, dtype=torch.float64).add(0.5).requires_grad_()  # any positive weights
     w_gate, b_gate = leaf(dim, dim, scale=0.5), leaf(dim, scale=0.5)
     inputs = [fin, coar, g, m, w_gate, b_gate]
 
     h, z_coar = gated_fusion(fin, coar, g, m, packed.offsets, w_gate, b_gate)
     want_h, want_zc = fusion_ref(fin, coar, g, m, [t + 1 for t in depths], w_gate, b_gate)
-    assert h.shape == (len(depths), length, dim) and z_coar.shape == (len(depths), dim)
+    assert h.shape == (len(depths), length, dim) and z_coar.shape == (len(depths), length, dim)
     torch.testing.assert_close(h, want_h)
     torch.testing.assert_close(z_coar, want_zc)
 
@@ -325,10 +330,11 @@ def test_gated_fusion_matches_per_user_loop(depths, dim):
 def test_gated_fusion_single_level_user_keeps_the_eps():
     # One level with g = 1: z_coar = 0 * coar / (0 + 1e-8) = 0 exactly, z_fin = fin / (1 + 1e-8).
     fin = torch.full((1, 2, 3), 2.0, dtype=torch.float64)
-    coar = torch.full((1, 3), 5.0, dtype=torch.float64)
+    coar = torch.full((1, 2, 3), 5.0, dtype=torch.float64)
     one = torch.ones(1, dtype=torch.float64)
     w_gate = torch.zeros(3, 3, dtype=torch.float64)
     b_gate = torch.zeros(3, dtype=torch.float64)
-    h, z_coar = gated_fusion(fin, coar, one, one, torch.tensor([0, 1]), w_gate, b_gate)
+    h, z_coar = gated_fusion(fin, coar, torch.ones(1, 2, dtype=torch.float64), one, torch.tensor([0, 1]), w_gate,
+                             b_gate)
     assert torch.equal(z_coar, torch.zeros_like(z_coar))
     torch.testing.assert_close(h, 0.5 * fin / (1.0 + 1e-8), rtol=1e-15, atol=0)

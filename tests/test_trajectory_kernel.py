@@ -149,6 +149,54 @@ def test_noise_is_standard_normal_and_independent_across_pairs():
     assert abs(lag.item()) < 0.05
 
 
+def test_loss_weight_matches_eager_and_excludes_pairs_from_l_deno():
+    """Only pairs with loss_weight > 0 enter L_deno (the depth-gradient probe's levels do not);
+    their reconstructions are still computed and still carry the incoming gradient."""
+    shape = SHAPES["many_rows"]
+    problem = make_problem(**shape)
+    weight = (torch.arange(problem["pair_user"].numel(), device=DEVICE) % 3 != 1).float()
+    kw = {"noise": problem["noise"]}
+    ehat_e, loss_e, grads_e = run(lambda **a: diffusion_trajectory(**a, loss_weight=weight), problem, **kw)
+    ehat_f, loss_f, grads_f = run(lambda **a: fused_diffusion_trajectory(**a, loss_weight=weight), problem, **kw)
+    torch.testing.assert_close(ehat_f, ehat_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_f, loss_e, rtol=1e-5, atol=1e-6)
+    for name in grads_e:
+        torch.testing.assert_close(grads_f[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+    # Independent check of the mean: the per-pair squared errors of the kept pairs only.
+    with torch.no_grad():
+        a = problem["sqrt_abar"][problem["pair_level"]][:, None, None]
+        s = problem["sqrt_one_minus_abar"][problem["pair_level"]][:, None, None]
+        # Ehat = x0 + (s / a) (eps - eps_hat), so eps_hat - eps = (x0 - Ehat) a / s.
+        error = (problem["e0"][problem["pair_user"]] - ehat_e) * a / s
+        lengths = problem["lengths"][problem["pair_user"]]
+        valid = torch.arange(shape["length"], device=DEVICE)[None, :] >= (shape["length"] - lengths)[:, None]
+        errors, count = 0.0, 0
+        for p in range(weight.numel()):
+            if weight[p] > 0 and problem["pair_level"][p] > 0:
+                diff = error[p][valid[p]]
+                errors += float(diff.pow(2).mean(-1).sum())
+                count += int(valid[p].sum())
+    assert float(loss_e) == pytest.approx(errors / count, rel=1e-4)
+
+
+@pytest.mark.parametrize("fn", [diffusion_trajectory, fused_diffusion_trajectory], ids=["eager", "fused"])
+def test_a_pairs_noise_depends_on_its_user_and_level_not_on_the_layout(fn):
+    """The probe layout adds level T_u + 1 to every user; the shared (user, level) pairs keep
+    exactly the same reconstruction for the same seed (eager: the seeded grid; fused: Philox)."""
+    shape = SHAPES["ragged"]
+    problem = make_problem(**shape)
+    depths = torch.tensor(shape["depths"])
+    probe = pack_levels(depths, shape["max_depth"], "probe")
+    base = pack_levels(depths, shape["max_depth"], "none")
+    args = {k: v for k, v in problem.items() if k not in ("noise", "pair_user", "pair_level")}
+    ehat_b, _ = fn(**args, pair_user=base.pair_user.to(DEVICE), pair_level=base.pair_level.to(DEVICE), seed=11)
+    ehat_p, _ = fn(**args, pair_user=probe.pair_user.to(DEVICE), pair_level=probe.pair_level.to(DEVICE), seed=11,
+                   loss_weight=probe.pair_active.float().to(DEVICE))
+    assert probe.num_pairs > base.num_pairs
+    assert torch.equal(ehat_p[probe.pair_active.to(DEVICE)], ehat_b)
+    assert (ehat_p[~probe.pair_active.to(DEVICE)] != 0).any()
+
+
 def test_bad_inputs_raise_clear_errors():
     problem = make_problem(**SHAPES["ragged"])
     args = {k: v for k, v in problem.items() if k != "noise"}

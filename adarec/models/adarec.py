@@ -1,11 +1,18 @@
-"""ADARec as the paper describes it (METHOD.md section 2), reference (eager) path.
+"""ADARec as the paper describes it (docs/method.md section 2), reference (eager) path.
 
 E^0 from the ELCRec backbone -> Adaptive Depth Controller (a depth T_u per user) -> packed
-(user, level) pairs for levels 0..T_u only -> Hierarchical Diffusion Augmentation (one-shot
-reconstruction at every active level) -> HP-MoE: the backbone Transformer as fine expert on the
-packed batch, an MLP coarse expert, a content-aware router, the depth-masked gated fusion
--> h, scored against the item embeddings. Loss: L_rec + lambda_deno L_deno + lambda_cont L_cont
-+ lambda_expl L_expl + the ELCRec terms (computed on h).
+(user, level) pairs for levels 0..T_u (plus level T_u + 1 as a zero-weight probe in training,
+`model.depth_gradient`) -> Hierarchical Diffusion Augmentation (one-shot reconstruction at every
+computed level) -> HP-MoE: the backbone Transformer as fine expert on the packed batch, an MLP
+coarse expert and a content-aware router on the *prefix* pools of each level, the depth-masked
+gated fusion per position -> h [B, L, D], scored against the item embeddings.
+Loss: L_rec + lambda_deno L_deno + lambda_cont L_cont + lambda_expl L_expl + the ELCRec terms
+(computed on h).
+
+Causality (docs/method.md, "Causality"): L_rec trains every position, so everything that feeds
+position i reads only positions <= i. The fine expert is the causal Transformer; the pools that
+feed the coarse expert, the router and the final gate are prefix means; the fusion is per
+position. The depth T_u is the one whole-input decision.
 
 The trajectory (`adarec.diffusion.diffusion_trajectory` or its Triton twin) and the fusion
 (`adarec.fusion.gated_fusion` or its C++/CUDA twin `adarec.ops.gated_fusion`) are chosen by
@@ -24,25 +31,31 @@ from adarec.profiling import nvtx
 
 from .controller import DepthController
 from .elcrec import ELCRec
-from .encoder import masked_mean
+from .encoder import prefix_mean
+
+# The fixed evaluation noise (model.eval_noise=fixed) is one draw from this seed, independent of
+# the run's seed so that every checkpoint of every run is scored against the same draw.
+FIXED_NOISE_SEED = 20240601
 
 
 def coarse_contrastive_loss(z: torch.Tensor, packed: PackedLevels, depths: torch.Tensor,
                             max_depth: int, temperature: float) -> torch.Tensor:
-    """L_cont: InfoNCE with cosine similarity over the coarse outputs z [P, D].
+    """L_cont: InfoNCE with cosine similarity over the coarse outputs z [P, D] (last position).
 
     For user u and each k in [floor(T_u / 2), T_u - 1]: anchor z_{u,k}, positive z_{u,k+1},
     negatives z_{v,k+1} of the other users whose depth reaches k + 1. Averaged over anchors.
+    Only active pairs (level <= T_u) take part; a probe level is never a candidate.
     All levels are handled at once on a dense [T_max + 1, B, D] grid of the packed rows.
     """
     batch = depths.numel()
     if max_depth == 0:
         return z.sum() * 0.0
-    unit = F.normalize(z.float(), dim=-1)
+    active_pairs = packed.pair_active
+    unit = F.normalize(z.float(), dim=-1) * active_pairs[:, None]
     grid = unit.new_zeros(max_depth + 1, batch, unit.shape[-1])
     grid = grid.index_put((packed.pair_level, packed.pair_user), unit)
     active = torch.zeros(max_depth + 1, batch, dtype=torch.bool, device=z.device)
-    active[packed.pair_level, packed.pair_user] = True
+    active = active.index_put((packed.pair_level, packed.pair_user), active_pairs)
     logits = torch.bmm(grid[:-1], grid[1:].transpose(1, 2)) / temperature      # [T, B(anchor), B(cand)]
     logits = logits.masked_fill(~active[1:, None, :], float("-inf"))
     level = torch.arange(max_depth, device=z.device)[:, None]
@@ -63,6 +76,8 @@ class ADARec(ELCRec):
         self.kernel_backend = kernel_backend
         hidden, depth = cfg.hidden_size, cfg.max_depth
         self.max_depth = depth
+        self.depth_gradient = cfg.depth_gradient
+        self.eval_noise = cfg.eval_noise
         self.lambda_deno, self.lambda_cont, self.lambda_expl = cfg.lambda_deno, cfg.lambda_cont, cfg.lambda_expl
         self.cont_temperature = cfg.cont_temperature
         self.controller = DepthController(hidden, max_len, depth, cfg.gumbel_tau)
@@ -70,6 +85,8 @@ class ADARec(ELCRec):
         sqrt_abar, sqrt_one_minus = level_tables(depth, cfg.diffusion_steps)
         self.register_buffer("sqrt_abar", sqrt_abar, persistent=False)
         self.register_buffer("sqrt_one_minus_abar", sqrt_one_minus, persistent=False)
+        fixed = torch.randn(depth + 1, max_len, hidden, generator=torch.Generator().manual_seed(FIXED_NOISE_SEED))
+        self.register_buffer("fixed_noise", fixed, persistent=False)
         self.coarse = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.level_embedding = nn.Embedding(depth + 1, hidden)
         self.router = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
@@ -84,42 +101,67 @@ class ADARec(ELCRec):
         e0 = self.encoder.embed(input_ids)
         with nvtx.phase("controller"):
             decision = self.controller(e0, input_ids)
-            packed = pack_levels(decision.depths)
-        lengths = (input_ids > 0).sum(1)
-        den = self.denoiser
+            # Probe / extra levels exist only to give the controller a gradient: none at evaluation.
+            packed = pack_levels(decision.depths, self.max_depth, self.depth_gradient if self.training else "none")
         with nvtx.phase("trajectory"):
-            trajectory = trajectory_function(self.kernel_backend, e0.device)
-            # Evaluation is deterministic: the argmax depth and no noise.
-            e_hat, l_deno = trajectory(
-                e0, lengths, packed.pair_user, packed.pair_level, self.sqrt_abar, self.sqrt_one_minus_abar,
-                den.fc1.weight, den.fc1.bias, den.step_table(), den.fc2.weight, den.fc2.bias,
-                zero_noise=not self.training,
-            )
+            e_hat, l_deno = self._trajectory(e0, input_ids, packed)
         with nvtx.phase("experts"):
             pair_ids = input_ids[packed.pair_user]
-            fine = self.encoder.encode(e_hat, pair_ids)
-            pooled = masked_mean(e_hat, pair_ids)
+            fine = self.encoder.encode(e_hat, pair_ids)                 # [P, L, D], causal attention
+            pooled = prefix_mean(e_hat, pair_ids)                       # [P, L, D], positions <= i
             coarse = self.coarse(pooled)
-            router_in = torch.cat([pooled, self.level_embedding(packed.pair_level)], dim=-1)
-            g = torch.sigmoid(self.router(router_in)).squeeze(-1)
-            m = decision.level_masks[packed.pair_user, packed.pair_level].to(g.dtype)
+            g = self._route(pooled, packed.pair_level)                  # [P, L]
+            m = decision.pair_masks(packed.pair_user, packed.pair_level, packed.pair_active).to(g.dtype)
         with nvtx.phase("fusion"):
             fusion = fusion_function(self.kernel_backend, fine.device)
             h, z_coar = fusion(fine, coarse, g, m, packed.offsets, self.final_gate.weight, self.final_gate.bias)
         return {"h": h, "z_coar": z_coar, "coarse": coarse, "g": g, "packed": packed,
                 "decision": decision, "l_deno": l_deno}
 
+    def _trajectory(self, e0: torch.Tensor, input_ids: torch.Tensor,
+                    packed: PackedLevels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ehat [P, L, D] and L_deno; evaluation follows model.eval_noise (docs/method.md 2.2)."""
+        lengths = (input_ids > 0).sum(1)
+        evaluating = not self.training
+        if evaluating and self.eval_noise == "clean":
+            valid = (input_ids > 0)[packed.pair_user].unsqueeze(-1).to(e0.dtype)
+            return e0[packed.pair_user] * valid, e0.sum() * 0.0
+        noise = None
+        if evaluating and self.eval_noise == "fixed":
+            noise = self.fixed_noise[:, -e0.shape[1]:].to(e0.dtype)[packed.pair_level]
+        den = self.denoiser
+        trajectory = trajectory_function(self.kernel_backend, e0.device)
+        return trajectory(
+            e0, lengths, packed.pair_user, packed.pair_level, self.sqrt_abar, self.sqrt_one_minus_abar,
+            den.fc1.weight, den.fc1.bias, den.step_table(), den.fc2.weight, den.fc2.bias,
+            noise=noise, zero_noise=evaluating and self.eval_noise == "zero",
+            loss_weight=packed.pair_active.to(torch.float32),
+        )
+
+    def _route(self, pooled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """g = sigmoid(MLP([pool_k[i] ; emb(k)])) per (pair, position): [P, L].
+
+        The first layer is split into its pooled and level halves so the level half is computed
+        once per pair instead of being concatenated at every position.
+        """
+        first, act, last = self.router
+        hidden = pooled.shape[-1]
+        per_pair = F.linear(self.level_embedding(levels), first.weight[:, hidden:], first.bias)   # [P, D]
+        pre = F.linear(pooled, first.weight[:, :hidden]) + per_pair[:, None, :]
+        return torch.sigmoid(last(act(pre))).squeeze(-1)
+
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.user_representation(batch["input_ids"])
-        decision = out["decision"]
         with nvtx.phase("losses"):
-            return self._objective(out, decision, batch)
+            return self._objective(out, batch)
 
-    def _objective(self, out: dict, decision, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _objective(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        decision = out["decision"]
         terms = {
             "rec": self.rec_loss(out["h"], batch),
             "deno": out["l_deno"],
-            "cont": coarse_contrastive_loss(out["coarse"], out["packed"], decision.depths, self.max_depth,
+            # The coarse vectors at the last position summarise the whole input.
+            "cont": coarse_contrastive_loss(out["coarse"][:, -1], out["packed"], decision.depths, self.max_depth,
                                             self.cont_temperature),
             "expl": decision.exploration,
         }
@@ -142,17 +184,21 @@ class ADARec(ELCRec):
             # Plain float64 tensors, not buffers: a bf16 engine must not cast the counters.
             zeros = torch.zeros(levels, dtype=torch.float64, device=depths.device)
             self._stats = {"depth": zeros.clone(), "router_sum": zeros.clone(), "router_n": zeros.clone(),
-                           "users": zeros.new_zeros(())}
+                           "pairs": zeros.new_zeros(()), "users": zeros.new_zeros(())}
         s = self._stats
+        active = packed.pair_active.double()
         # index_add_ rather than bincount: bincount sizes its output from the data (a host sync).
         s["depth"].index_add_(0, depths, torch.ones_like(depths, dtype=torch.float64))
-        s["router_sum"].index_add_(0, packed.pair_level, g.double())
-        s["router_n"].index_add_(0, packed.pair_level, torch.ones_like(packed.pair_level, dtype=torch.float64))
+        # The router at the last position (the one scoring uses), active levels only.
+        s["router_sum"].index_add_(0, packed.pair_level, g[:, -1].double() * active)
+        s["router_n"].index_add_(0, packed.pair_level, active)
+        s["pairs"] += packed.num_pairs
         s["users"] += depths.numel()
 
     def pop_epoch_stats(self) -> dict[str, float | None]:
-        """Depth histogram, mean router weight per level and fraction of (user, level) pairs
-        computed out of B (T_max + 1), since the last call."""
+        """Depth histogram, mean router weight per active level (last position), and the
+        fractions of the B (T_max + 1) (user, level) pairs that were active and computed
+        (computed includes the depth-gradient probe levels), since the last call."""
         if self._stats is None:
             return {}
         s = {k: v.cpu() for k, v in self._stats.items()}
@@ -162,5 +208,7 @@ class ADARec(ELCRec):
         for k in range(self.max_depth + 1):
             n = float(s["router_n"][k])
             out[f"router_g_{k}"] = float(s["router_sum"][k]) / n if n else None
-        out["pairs_computed_frac"] = float(s["router_n"].sum()) / (users * (self.max_depth + 1))
+        grid = users * (self.max_depth + 1)
+        out["pairs_active_frac"] = float(s["router_n"].sum()) / grid
+        out["pairs_computed_frac"] = float(s["pairs"]) / grid
         return out

@@ -1,4 +1,4 @@
-"""`adarec-dual`: the authors' released ADARec code path (METHOD.md section 3).
+"""`adarec-dual`: the authors' released ADARec code path (docs/method.md section 3).
 
 Two complete ELCRec models, "e5" noising E^0 at schedule steps {3, 4} and "e10" at {8, 9}
 (0-based steps of the 50-step linear schedule: noise std about .053/.068 and .124/.138). In each
@@ -9,6 +9,11 @@ mean of their score matrices.
 
 Per expert: BCE(raw) + 0.5 BCE(noised) + 1e-4 masked-MSE(noised out, raw out detached)
 + 1e-4 (-entropy of the weights) + the ELCRec terms on the raw path. Scoring uses the raw path.
+
+One deliberate difference from the released code (docs/method.md 3, "Causality"): the released
+controller pools the whole input into one weight pair per user and mixes every position with it,
+so the noised path's prediction at i reads the items after i. Here the weights are per position,
+from the GRU states pooled over positions <= i (`LengthAwareGRU.per_position`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from adarec.diffusion import linear_beta_schedule
 
 from .controller import LengthAwareGRU
 from .elcrec import ELCRec
+from .encoder import masked_mean
 
 EXPERT_STEPS = {"e5": (3, 4), "e10": (8, 9)}
 NOISED_REC_WEIGHT = 0.5
@@ -39,20 +45,26 @@ class NoisedELCRec(ELCRec):
         self.copy_controller = LengthAwareGRU(cfg.hidden_size, max_len, len(steps))
         self.copy_controller.apply(self.encoder._init_weights)
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ids = batch["input_ids"]
+    def paths(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The raw and noised encodings [B, L, D] and the per-position copy weights [B, L, copies]."""
         e0 = self.encoder.embed(ids)
         raw = self.encoder.encode(e0, ids)
-        weights = F.softmax(self.copy_controller(e0, ids), dim=-1)               # [B, copies]
+        weights = F.softmax(self.copy_controller.per_position(e0, ids), dim=-1)   # [B, L, copies]
         noise = torch.randn((len(self.sqrt_abar), *e0.shape), device=e0.device, dtype=e0.dtype)
         copies = self.sqrt_abar.to(e0.dtype)[:, None, None, None] * e0 + \
             self.sqrt_one_minus_abar.to(e0.dtype)[:, None, None, None] * noise   # [copies, B, L, D]
-        mixed = torch.einsum("bc,cbld->bld", weights.to(e0.dtype), copies)
-        noised = self.encoder.encode(mixed, ids)
+        mixed = torch.einsum("blc,cbld->bld", weights.to(e0.dtype), copies)
+        return {"raw": raw, "noised": self.encoder.encode(mixed, ids), "weights": weights}
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids = batch["input_ids"]
+        out = self.paths(ids)
+        raw, noised, weights = out["raw"], out["noised"], out["weights"]
         valid = (ids > 0).unsqueeze(-1).float()
         consistency = ((noised.float() - raw.detach().float()).pow(2) * valid).sum() / \
             (valid.sum() * noised.shape[-1]).clamp_min(1.0)
-        entropy = -(weights * torch.log(weights.clamp_min(1e-12))).sum(-1).mean()
+        # Entropy of the copy weights, averaged over item positions.
+        entropy = masked_mean(-(weights * torch.log(weights.clamp_min(1e-12))).sum(-1, keepdim=True), ids).mean()
         terms = {
             "rec": self.rec_loss(raw, batch),
             "rec_noised": self.rec_loss(noised, batch),

@@ -101,11 +101,24 @@ class SequenceEncoder(nn.Module):
         return self.encode(self.embed(input_ids), input_ids)
 
     def item_scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Scores of every embedding row (tied output layer): [..., N+2]."""
-        return hidden @ self.item_embeddings.weight.t()
+        """Scores of every embedding row (tied output layer) in fp32, whatever the training
+        precision: bf16 scores tie, and ties count against the target (docs/method.md 4). [..., N+2]."""
+        return hidden.float() @ self.item_embeddings.weight.float().t()
 
 
 def masked_mean(x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean over the positions that hold an item; [B, L, D] -> [B, D]."""
     valid = (input_ids > 0).unsqueeze(-1).to(x.dtype)
     return (x * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+
+
+def prefix_mean(x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Causal pool: out[:, i] = mean of x over the item positions <= i; [B, L, D] -> [B, L, D].
+
+    Positions before the first item get 0. At the last position this is `masked_mean`. Sums
+    run in fp32 (a bf16 running sum drifts over 50 positions).
+    """
+    valid = (input_ids > 0).unsqueeze(-1)
+    sums = (x.float() * valid).cumsum(1)
+    counts = valid.float().cumsum(1).clamp_min(1.0)
+    return (sums / counts).to(x.dtype)
