@@ -57,7 +57,7 @@ def train_command(args: argparse.Namespace) -> int:
 def evaluate_command(args: argparse.Namespace) -> int:
     from adarec.engine.offline import evaluate_run
 
-    print(json.dumps(evaluate_run(Path(args.run), args.split, args.device)))
+    print(json.dumps(evaluate_run(Path(args.run), args.split, args.device, args.overrides, args.allow_unfinished)))
     return 0
 
 
@@ -67,10 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (DeepSpeed engine)")
     add_train_arguments(train)
     train.set_defaults(func=train_command)
-    ev = sub.add_parser("evaluate", help="evaluate a finished run's best weights")
+    ev = sub.add_parser("evaluate", help="evaluate a run's best weights (the test split only once it has ended)")
     ev.add_argument("--run", required=True, help="run directory written by adarec train")
     ev.add_argument("--split", choices=("valid", "test"), default="test")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="settings over the run's config, e.g. --set model.eval_noise=fixed eval.batch_size=256")
+    ev.add_argument("--allow-unfinished", action="store_true",
+                    help="evaluate the test split of a run that has not ended (recorded in metrics.jsonl)")
     ev.set_defaults(func=evaluate_command)
     return parser
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .run_log import read_jsonl
+from .run_log import current_rows, read_jsonl
 
 
 def plot_curves(run_dir: Path, out_name: str = "curves.png") -> Path:
@@ -14,8 +14,8 @@ def plot_curves(run_dir: Path, out_name: str = "curves.png") -> Path:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"].startswith("valid")]
-    epochs = read_jsonl(run_dir / "epochs.jsonl")
+    evals = [r for r in current_rows(read_jsonl(run_dir / "metrics.jsonl")) if r["split"].startswith("valid")]
+    epochs = current_rows(read_jsonl(run_dir / "epochs.jsonl"))
     fig, (ax_rank, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     splits = sorted({r["split"] for r in evals})
     keys = [k for k in (evals[0] if evals else {}) if k.startswith(("HR@", "NDCG@"))]

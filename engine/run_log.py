@@ -1,8 +1,13 @@
 """What a run writes besides checkpoints: train.log, metrics.jsonl, epochs.jsonl, TensorBoard.
 
 metrics.jsonl holds one JSON object per evaluation (epoch, split, HR@K..., NDCG@K...);
-epochs.jsonl one per training epoch (loss terms, step time, samples/s). Both are rewritten
-atomically when a run resumes so that entries past the restored checkpoint disappear.
+epochs.jsonl one per training epoch (loss terms, step time, samples/s). Both are append-only:
+no row is ever rewritten or deleted. When a run resumes, a marker row
+{"event": "resumed", "epoch": N, "superseded": [...]} is appended to both; it supersedes the
+rows written before it for epochs after N (work the restored checkpoint does not contain) and,
+in metrics.jsonl, every earlier test row (a resumed run is tested again when it ends). The
+superseded rows stay in the file and are listed in the marker; `current_rows` gives the rows in
+force, which is what plots and summaries read.
 """
 
 from __future__ import annotations
@@ -12,8 +17,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-
-from .checkpoint import atomic_write_text
 
 log = logging.getLogger("adarec")
 
@@ -41,25 +44,50 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def is_marker(row: dict) -> bool:
+    return "event" in row
+
+
+def superseded_by_resume(rows: list[dict], epoch: int) -> list[dict]:
+    """The rows in force that a resume from the checkpoint of `epoch` supersedes."""
+    return [r for r in current_rows(rows) if r["epoch"] > epoch or r.get("split") == "test"]
+
+
+def current_rows(rows: list[dict]) -> list[dict]:
+    """The rows in force: markers applied (and dropped), superseded rows left out."""
+    kept: list[dict] = []
+    for row in rows:
+        if is_marker(row):
+            if row["event"] == "resumed":
+                kept = [r for r in kept if r["epoch"] <= row["epoch"] and r.get("split") != "test"]
+            continue
+        kept.append(row)
+    return kept
+
+
 class RunLog:
     """Append-only records of one run (rank 0 only writes; other ranks get a no-op)."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._tb = None
-        if enabled:
+        if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    def truncate_after(self, epoch: int) -> None:
-        """Drop records of epochs after `epoch` (they belong to work the checkpoint lost)."""
+    def mark_resumed(self, epoch: int) -> list[dict]:
+        """Append the resume marker to both logs; return the test rows it supersedes."""
         if not self.enabled:
-            return
+            return []
+        superseded_tests = []
         for name in ("metrics.jsonl", "epochs.jsonl"):
-            kept = [r for r in read_jsonl(self.run_dir / name) if r["epoch"] <= epoch and r.get("split") != "test"]
-            atomic_write_text(self.run_dir / name, "".join(json.dumps(r) + "\n" for r in kept))
+            gone = superseded_by_resume(read_jsonl(self.run_dir / name), epoch)
+            described = [{k: r[k] for k in ("epoch", "split", "source") if k in r} for r in gone]
+            self._append(name, {"event": "resumed", "epoch": epoch, "superseded": described})
+            superseded_tests += [r for r in gone if r.get("split") == "test"]
+        return superseded_tests
 
     def _append(self, name: str, record: dict) -> None:
         with open(self.run_dir / name, "a") as f:
@@ -67,18 +95,19 @@ class RunLog:
             f.flush()
             os.fsync(f.fileno())
 
-    def evaluation(self, epoch: int, split: str, metrics: dict[str, float]) -> None:
+    def evaluation(self, epoch: int, split: str, metrics: dict[str, float], **extra) -> None:
         if not self.enabled:
             return
-        self._append("metrics.jsonl", {"epoch": epoch, "split": split, **metrics})
-        for name, value in metrics.items():
-            self._tb.add_scalar(f"{split}/{name}", value, epoch)
+        self._append("metrics.jsonl", {"epoch": epoch, "split": split, **metrics, **extra})
+        if self._tb is not None:
+            for name, value in metrics.items():
+                self._tb.add_scalar(f"{split}/{name}", value, epoch)
 
     def epoch(self, epoch: int, record: dict) -> None:
         if not self.enabled:
             return
         self._append("epochs.jsonl", {"epoch": epoch, **record})
-        for name, value in record.items():
+        for name, value in record.items() if self._tb is not None else ():
             if isinstance(value, (int, float)):
                 self._tb.add_scalar(f"train/{name}", value, epoch)
 

@@ -134,7 +134,13 @@ class Trainer:
                                 members={k: MemberState(**v) for k, v in saved["members"].items()})
         self.sampler.load_state_dict(client["sampler"])
         set_rng_state(client["rng"])
-        self.runlog.truncate_after(self.state.epochs_done)
+        # The logs are append-only: a marker supersedes what the checkpoint does not contain.
+        for row in self.runlog.mark_resumed(self.state.epochs_done):
+            log.warning("extending the run after its test evaluation (%s%d epochs trained, best epoch %d): the test "
+                        "split has been seen; that row stays in metrics.jsonl, marked superseded, and the run "
+                        "will be tested again when it ends",
+                        "offline, " if row.get("source") == "evaluate" else "",
+                        row.get("trained_epochs", row["epoch"]), row["epoch"])
         log.info("resumed after epoch %d", self.state.epochs_done)
 
     def save_best(self, name: str, epoch: int, metric: float) -> None:
@@ -260,7 +266,8 @@ class Trainer:
         metrics = self.evaluate(model, "test")
         best_epoch = max(m.best_epoch for m in self.state.members.values())
         result = {"epoch": best_epoch, "split": "test", **metrics}
-        self.runlog.evaluation(best_epoch, "test", metrics)
+        # The only test evaluation of a run, when it ends; trained_epochs says when that was.
+        self.runlog.evaluation(best_epoch, "test", metrics, trained_epochs=self.state.epochs_done)
         if self.dist.is_main:
             atomic_write_json(self.run_dir / "test_metrics.json", result)
             plot_curves(self.run_dir)

@@ -65,7 +65,7 @@ def test_resume_and_evaluate_need_a_run(tmp_path, capsys):
     code, err = run_cli(capsys, "train", "--resume", "--output-dir", str(tmp_path / "none"))
     assert code == 2 and "nothing to resume" in err
     code, err = run_cli(capsys, "evaluate", "--run", str(tmp_path / "none"))
-    assert code == 2 and "not a finished run" in err
+    assert code == 2 and "no trained weights to evaluate" in err
 
 
 def test_help_config_lists_required_keys(capsys):

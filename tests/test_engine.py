@@ -7,6 +7,7 @@ import pytest
 import torch
 from adarec.engine.ds_config import build_ds_config
 from adarec.engine.offline import evaluate_run
+from adarec.engine.run_log import current_rows
 from adarec.engine.trainer import TrainingDiverged, run_training
 
 from adarec.config import apply_overrides, load_config
@@ -35,25 +36,94 @@ def test_two_epoch_run_writes_everything_and_resume_matches(tmp_path):
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
     metrics = read_jsonl(straight / "metrics.jsonl")
     assert [(m["epoch"], m["split"]) for m in metrics] == [(1, "valid"), (2, "valid"), (result["epoch"], "test")]
-    for m in metrics:
-        assert set(m) == {"epoch", "split", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"}
+    names = {"epoch", "split", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"}
+    assert all(set(m) == names for m in metrics[:2])
+    assert set(metrics[2]) == names | {"trained_epochs"} and metrics[2]["trained_epochs"] == 2
     assert json.loads((straight / "test_metrics.json").read_text()) == result
     epochs = read_jsonl(straight / "epochs.jsonl")
     assert {"loss", "rec", "cluster", "instance_cl", "intent_cl", "samples_per_s"} <= set(epochs[0])
 
-    # Stop after one epoch, then resume to two: the same numbers as the uninterrupted run.
+    # Stop after one epoch (which ends that run: it is tested), then extend it to two: the same
+    # numbers as the uninterrupted run, and the earlier test row is kept, marked superseded.
     split_run = tmp_path / "resumed"
     run_training(small_config(1), split_run)
+    before = (split_run / "metrics.jsonl").read_text()
     cfg = apply_overrides(load_config(split_run / "config.yaml"), ["train.epochs=2"])
     resumed = run_training(cfg, split_run, resume=True)
     assert resumed == result
-    assert read_jsonl(split_run / "metrics.jsonl") == metrics
-    assert [e["loss"] for e in read_jsonl(split_run / "epochs.jsonl")] == [e["loss"] for e in epochs]
+    after = (split_run / "metrics.jsonl").read_text()
+    assert after.startswith(before)                                     # append-only
+    raw = read_jsonl(split_run / "metrics.jsonl")
+    assert [(r.get("event"), r.get("split"), r["epoch"]) for r in raw] == [
+        (None, "valid", 1), (None, "test", 1), ("resumed", None, 1), (None, "valid", 2),
+        (None, "test", result["epoch"])]
+    assert raw[2]["superseded"] == [{"epoch": 1, "split": "test"}]
+    assert current_rows(raw) == [{**m, "trained_epochs": 2} if m["split"] == "test" else m for m in metrics]
+    assert [e["loss"] for e in current_rows(read_jsonl(split_run / "epochs.jsonl"))] == [e["loss"] for e in epochs]
+    assert "extending the run after its test evaluation" in (split_run / "train.log").read_text()
 
-    # adarec evaluate reproduces the test metrics from the saved best weights.
+    # adarec evaluate reproduces the test metrics from the saved best weights and records that
+    # it touched the test split.
     offline = evaluate_run(straight, "test", "cpu")
     for key in ("HR@20", "NDCG@20"):
         assert offline[key] == pytest.approx(result[key], abs=1e-9)
+    last = read_jsonl(straight / "metrics.jsonl")[-1]
+    assert last["split"] == "test" and last["source"] == "evaluate"
+
+
+def test_a_lost_epoch_is_superseded_not_deleted(tmp_path, monkeypatch):
+    """A run that dies after logging epoch 2 but before its checkpoint: on resume the epoch-2 rows
+    stay in the files, the marker supersedes them, and epoch 2 is logged again."""
+    from adarec.engine.trainer import Trainer
+
+    run = tmp_path / "run"
+    save = Trainer.save_checkpoint
+
+    def dies_at_epoch_two(self):
+        if self.state.epochs_done == 2:
+            raise KeyboardInterrupt("killed")
+        save(self)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", dies_at_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(small_config(2), run)
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    result = run_training(apply_overrides(load_config(run / "config.yaml"), []), run, resume=True)
+    raw = read_jsonl(run / "metrics.jsonl")
+    assert [(r.get("event"), r.get("split"), r["epoch"]) for r in raw] == [
+        (None, "valid", 1), (None, "valid", 2), ("resumed", None, 1), (None, "valid", 2),
+        (None, "test", result["epoch"])]
+    assert raw[2]["superseded"] == [{"epoch": 2, "split": "valid"}]
+    kept = [(r["epoch"], r["split"]) for r in current_rows(raw)]
+    assert kept == [(1, "valid"), (2, "valid"), (result["epoch"], "test")]
+    epochs = read_jsonl(run / "epochs.jsonl")
+    assert [(r.get("event"), r["epoch"]) for r in epochs] == [(None, 1), (None, 2), ("resumed", 1), (None, 2)]
+
+
+def test_offline_test_evaluation_of_an_unfinished_run_is_refused(tmp_path):
+    from adarec.errors import AdarecError
+
+    run = tmp_path / "run"
+    run_training(small_config(1), run)
+    (run / "test_metrics.json").unlink()                     # as if the run had been stopped mid-way
+    with pytest.raises(AdarecError, match="has not ended"):
+        evaluate_run(run, "test", "cpu")
+    evaluate_run(run, "test", "cpu", allow_unfinished=True)
+    assert read_jsonl(run / "metrics.jsonl")[-1]["source"] == "evaluate"
+
+
+def test_adarec_evaluate_reproduces_the_runs_own_validation_numbers_exactly(tmp_path):
+    run = tmp_path / "adarec"
+    cfg = load_config(REPO / "configs/adarec_beauty_sparse5.yaml",
+                      [*SMALL, "train.epochs=2", "model.max_depth=3", "kernels.backend=eager"])
+    run_training(cfg, run)
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "valid"]
+    best = max(rows, key=lambda r: r["NDCG@20"])
+    offline = evaluate_run(run, "valid", "cpu")
+    assert offline["epoch"] == best["epoch"]
+    for key, value in best.items():
+        if key.startswith(("HR@", "NDCG@")):
+            assert offline[key] == value, key                   # exactly, not approximately
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
