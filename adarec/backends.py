@@ -1,8 +1,10 @@
 """Choosing between a fused op and its eager twin (`kernels.backend`, env ADAREC_KERNELS).
 
-auto   the fused op where it can run, else the eager twin. The Triton trajectory runs on CUDA
-       tensors; the native gated fusion (csrc/) wherever its library is loaded and has a kernel
-       for the device. A fallback that costs speed is logged once.
+auto   the fused op where it can run and has been verified, else the eager twin. The native gated
+       fusion's C++ CPU path is verified by the CPU test suite. The GPU paths (the Triton
+       trajectory compiled for CUDA, the CUDA gated fusion) stay opt-in (`fused`) until a GPU run
+       of the device check (profiling/gpu_suite.sh) has passed them: then GPU_PATHS_VERIFIED
+       becomes True. A fallback that costs speed is logged once.
 fused  the fused op, or a clear error saying why it cannot run here. On CPU the Triton kernels
        run only under TRITON_INTERPRET=1 (tests).
 eager  the reference PyTorch functions in adarec/diffusion.py and adarec/fusion.py.
@@ -22,6 +24,11 @@ from adarec.fusion import gated_fusion
 
 BACKENDS = ("auto", "fused", "eager")
 ENV_VAR = "ADAREC_KERNELS"
+# No GPU run of the device check has passed the compiled Triton trajectory and the CUDA gated
+# fusion yet (README, "Fused kernels"): `auto` keeps the eager twins on CUDA until one has.
+GPU_PATHS_VERIFIED = False
+_UNVERIFIED = ("kernels.backend=auto: using the eager {op} on CUDA; the fused GPU kernels are opt-in "
+               "(kernels.backend=fused) until a GPU run of the device check has passed them")
 log = logging.getLogger(__name__)
 
 
@@ -69,6 +76,9 @@ def trajectory_function(backend: str, device: torch.device) -> Callable:
         return fused
     if device.type != "cuda":
         return diffusion_trajectory
+    if not GPU_PATHS_VERIFIED:
+        _warn_once(_UNVERIFIED.format(op="trajectory"))
+        return diffusion_trajectory
     if isinstance(fused, str):
         _warn_once(f"kernels.backend=auto: using the eager trajectory, the fused one cannot be loaded ({fused})")
         return diffusion_trajectory
@@ -94,6 +104,9 @@ def fusion_function(backend: str, device: torch.device) -> Callable:
         return gated_fusion
     from adarec import ops
 
+    if backend == "auto" and device.type == "cuda" and not GPU_PATHS_VERIFIED:
+        _warn_once(_UNVERIFIED.format(op="gated fusion"))
+        return gated_fusion
     problem = _native_fusion_problem(device)
     if problem is None:
         return ops.gated_fusion

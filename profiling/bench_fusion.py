@@ -2,9 +2,10 @@
 
     python -m adarec.profiling.bench_fusion --out results/bench/fusion
 
-Packed layout of B users with depths uniform in 0..T_max (P = sum (T_u + 1) pairs), fine-expert
-outputs [P, L, D], coarse outputs [P, D], router weights and straight-through masks [P]. One
-call = forward, a random linear functional of (h, z_coar), backward to every input.
+Packed layout of B users with depths uniform in 0..T_max (P = sum (T_u + 1) pairs), fine- and
+coarse-expert outputs [P, L, D], router weights [P, L] and straight-through masks [P] (the
+per-position contract of docs/method.md 2.3). One call = forward, a random linear functional of
+(h, z_coar), backward to every input.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def packed_inputs(args, device: torch.device) -> dict:
         return (shift + scale * torch.randn(*shape, generator=g)).to(device=device, dtype=dtype).requires_grad_()
 
     return {
-        "fin": leaf(pairs, args.max_len, args.dim), "coar": leaf(pairs, args.dim),
-        "g": torch.rand(pairs, generator=g).to(device=device, dtype=dtype).requires_grad_(),
+        "fin": leaf(pairs, args.max_len, args.dim), "coar": leaf(pairs, args.max_len, args.dim),
+        "g": torch.rand(pairs, args.max_len, generator=g).to(device=device, dtype=dtype).requires_grad_(),
         "m": leaf(pairs, scale=0.0, shift=1.0), "offsets": F.pad(counts.cumsum(0), (1, 0)).to(device),
         "w_gate": leaf(args.dim, args.dim, scale=args.dim**-0.5), "b_gate": leaf(args.dim, scale=0.02),
     }
@@ -70,14 +71,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     inputs = packed_inputs(args, device)
     g = torch.Generator().manual_seed(1)
     probe_h = torch.randn(args.batch, args.max_len, args.dim, generator=g).to(device=device, dtype=DTYPES[args.dtype])
-    probe_z = torch.randn(args.batch, args.dim, generator=g).to(device=device, dtype=DTYPES[args.dtype])
+    probe_z = torch.randn(args.batch, args.max_len, args.dim, generator=g).to(device=device, dtype=DTYPES[args.dtype])
     impls = {"eager": eager_gated_fusion}
     if "native" in args.backends:
         from adarec import ops
 
         impls["native"] = ops.gated_fusion
     shape = {"B": args.batch, "L": args.max_len, "D": args.dim, "T_max": args.max_depth,
-             "pairs": inputs["g"].numel(), "dtype": args.dtype}
+             "pairs": inputs["m"].numel(), "dtype": args.dtype}
     env = environment(device)
     rows = []
     for name in args.backends:

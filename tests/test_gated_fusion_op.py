@@ -246,6 +246,20 @@ def test_jit_build_registers_the_operator_when_the_extension_is_missing(tmp_path
     assert "jit ok (2, 2, 4) (2, 2, 4)" in out.stdout
 
 
+def test_fusion_benchmark_runs_the_per_position_contract(tmp_path, monkeypatch):
+    """profiling/bench_fusion.py at a tiny shape with a scripted clock: both backends run on the
+    [P, L, D] / [P, L] inputs, and the native row's speedup is eager median / native median."""
+    from adarec.profiling import bench_fusion
+
+    clock = iter([[4.0, 2.0, 3.0], [1.0, 1.5, 0.5]])
+    monkeypatch.setattr(bench_fusion, "time_callable", lambda fn, *a, **k: (fn(), next(clock))[1])
+    rows = bench_fusion.main(["--batch", "4", "--max-len", "5", "--dim", "6", "--max-depth", "3", "--dtype", "fp32",
+                              "--device", "cpu", "--repeats", "3", "--out", str(tmp_path)])
+    assert [r["backend"] for r in rows] == ["eager", "native"]
+    assert [r["median_ms"] for r in rows] == [3.0, 1.0] and rows[1]["speedup_vs_eager"] == 3.0
+    assert 4 <= rows[0]["pairs"] <= 16
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 

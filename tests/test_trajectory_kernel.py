@@ -236,6 +236,20 @@ def test_auto_is_eager_on_cpu_and_fused_without_a_way_to_run_raises(monkeypatch)
         trajectory_function("fused", cpu)
 
 
+def test_auto_keeps_the_eager_twins_on_cuda_until_the_gpu_paths_are_verified(monkeypatch):
+    """The GPU kernels are opt-in until a GPU run of the device check passed them (README)."""
+    from adarec import backends
+    from adarec.fusion import gated_fusion
+
+    monkeypatch.delenv("ADAREC_KERNELS", raising=False)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(backends, "GPU_PATHS_VERIFIED", False)
+    assert backends.trajectory_function("auto", cuda) is diffusion_trajectory
+    assert backends.fusion_function("auto", cuda) is gated_fusion
+    monkeypatch.setattr(backends, "GPU_PATHS_VERIFIED", True)
+    assert backends.trajectory_function("auto", cuda) is fused_diffusion_trajectory
+
+
 def test_config_rejects_an_unknown_backend():
     cfg = RunConfig()
     assert cfg.kernels.backend == "auto"
@@ -352,22 +366,25 @@ def test_convergence_fused_vs_eager_few_hundred_steps(monkeypatch):
 # ----------------------------------------------------------------------------- benchmark script
 
 
-def test_benchmark_script_writes_its_tables(tmp_path):
-    """A smoke run of profiling/bench_trajectory.py at a tiny shape (speed is measured on a GPU)."""
+def test_benchmark_script_writes_its_tables(tmp_path, monkeypatch):
+    """profiling/bench_trajectory.py at a tiny shape with a scripted clock: the table carries the
+    given medians and spreads and the fused row's speedup is eager median / fused median."""
     import csv
 
-    from adarec.profiling.bench_trajectory import main
+    from adarec.profiling import bench_trajectory
 
-    rows = main(["--batch", "3", "--dim", "16", "--max-depth", "2", "--dtype", "fp32", "--device", str(DEVICE),
-                 "--warmup", "0", "--repeats", "2", "--out", str(tmp_path)])
+    clock = iter([[3.0, 1.0, 2.0], [1.0, 0.5, 1.0]])          # eager, then fused (ms per call)
+    monkeypatch.setattr(bench_trajectory, "time_callable", lambda fn, *a, **k: (fn(), next(clock))[1])
+    rows = bench_trajectory.main(["--batch", "3", "--dim", "16", "--max-depth", "2", "--dtype", "fp32",
+                                  "--device", str(DEVICE), "--warmup", "0", "--repeats", "3", "--out", str(tmp_path)])
     assert [r["backend"] for r in rows] == ["eager", "fused"]
     with (tmp_path / "trajectory_fp32_D16.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 2
-    for column in ("median_ms", "iqr_ms", "peak_mem_mib", "device", "torch", "triton", "date", "commit",
-                   "speedup_vs_eager", "valid_rows"):
+    assert [float(r["median_ms"]) for r in table] == [2.0, 1.0]
+    assert [float(r["min_ms"]) for r in table] == [1.0, 0.5]
+    assert float(table[1]["speedup_vs_eager"]) == 2.0
+    for column in ("iqr_ms", "peak_mem_mib", "device", "torch", "triton", "date", "commit", "valid_rows"):
         assert column in table[0]
-    assert float(table[0]["speedup_vs_eager"]) == 1.0
     assert (tmp_path / "trajectory_fp32_D16.md").read_text().startswith("| op | backend |")
 
 
