@@ -1,6 +1,7 @@
 """adarec-dual: the noised ELCRec experts, their score average, and the two-member engine."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -30,30 +31,88 @@ def test_expert_noise_levels_match_the_released_code():
     members = build_members(tiny_cfg(), num_items=9, max_len=5)
     assert list(members) == ["e5", "e10"] and EXPERT_STEPS == {"e5": (3, 4), "e10": (8, 9)}
     stds = {n: m.sqrt_one_minus_abar.tolist() for n, m in members.items()}
-    # METHOD.md 3: "noise std about .053/.068 and .124/.138"
+    # docs/method.md 3: "noise std about .053/.068 and .124/.138"
     assert stds["e5"] == pytest.approx([0.053, 0.068], abs=1e-3)
     assert stds["e10"] == pytest.approx([0.124, 0.138], abs=1e-3)
 
 
-def test_expert_loss_terms_and_weights():
+def test_noised_path_mixes_the_copies_per_position_with_the_drawn_noise():
+    """paths() against the mixture built by hand from its own weights and the same noise draw
+    (the first random draw of the call: dropout is 0)."""
     torch.manual_seed(0)
-    expert = NoisedELCRec(tiny_cfg(), num_items=9, max_len=5, steps=(3, 4))
-    loss, terms = expert(tiny_batch())
+    expert = NoisedELCRec(tiny_cfg(), num_items=9, max_len=5, steps=(3, 4)).train()
+    ids = tiny_batch()["input_ids"]
+    torch.manual_seed(5)
+    out = expert.paths(ids)
+    torch.manual_seed(5)
+    noise = torch.randn(2, 3, 5, 8)
+    with torch.no_grad():
+        e0 = expert.encoder.embed(ids)
+        abar = [math.prod(1 - b for b in torch.linspace(1e-4, 0.02, 50, dtype=torch.float64)[: s + 1].tolist())
+                for s in (3, 4)]
+        mixed = torch.zeros_like(e0)
+        for b in range(3):
+            for i in range(5):
+                for c in range(2):
+                    copy = abar[c] ** 0.5 * e0[b, i] + (1 - abar[c]) ** 0.5 * noise[c, b, i]
+                    mixed[b, i] += out["weights"][b, i, c] * copy
+        want = expert.encoder.encode(mixed, ids)
+    torch.testing.assert_close(out["noised"], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["weights"].sum(-1), torch.ones(3, 5))
+
+
+def test_expert_loss_terms_against_loops_and_their_weights(monkeypatch):
+    """consistency and expl against loops over the item positions; each weight checked by
+    switching it to 1 and reading the change of the loss."""
+    from adarec.models import dual
+
+    torch.manual_seed(0)
+    expert = NoisedELCRec(tiny_cfg(), num_items=9, max_len=5, steps=(3, 4)).train()
+    batch = tiny_batch()
+    ids = batch["input_ids"]
+
+    def run():
+        torch.manual_seed(5)
+        loss, terms = expert(batch)
+        torch.manual_seed(5)
+        return float(loss.detach()), terms, expert.paths(ids)
+
+    loss, terms, out = run()
     assert {"rec", "rec_noised", "consistency", "expl", "cluster", "instance_cl", "intent_cl"} <= set(terms)
-    want = (terms["rec"] + 0.5 * terms["rec_noised"] + 1e-4 * terms["consistency"] + 1e-4 * terms["expl"]
-            + 0.1 * terms["instance_cl"] + 0.1 * terms["intent_cl"] + 1.0 * terms["cluster"])
-    torch.testing.assert_close(loss.detach(), want)
-    loss.backward()
+    positions = [(b, i) for b in range(3) for i in range(5) if ids[b, i] > 0]
+    with torch.no_grad():
+        consistency = sum(float((out["noised"][b, i] - out["raw"][b, i]).pow(2).mean()) for b, i in positions)
+        entropy = sum(-sum(float(w) * math.log(float(w)) for w in out["weights"][b, i]) for b, i in positions)
+    assert float(terms["consistency"]) == pytest.approx(consistency / len(positions), rel=1e-5)
+    assert float(terms["expl"]) == pytest.approx(-entropy / len(positions), rel=1e-5)
+    for name, term in (("CONSISTENCY_WEIGHT", "consistency"), ("EXPLORATION_WEIGHT", "expl"),
+                       ("NOISED_REC_WEIGHT", "rec_noised")):
+        monkeypatch.setattr(dual, name, getattr(dual, name) + 1.0)
+        changed, _, _ = run()
+        monkeypatch.undo()
+        assert changed - loss == pytest.approx(float(terms[term]), rel=1e-4, abs=1e-6), name
+    torch.manual_seed(5)
+    loss_t, _ = expert(batch)
+    loss_t.backward()
     assert expert.copy_controller.head.weight.grad.abs().sum() > 0  # the soft controller is trained
 
 
 def test_score_average_is_the_mean_of_the_experts():
-    torch.manual_seed(0)
-    members = {n: m.eval() for n, m in build_members(tiny_cfg(), num_items=9, max_len=5).items()}
-    ids = tiny_batch()["input_ids"]
-    avg = scorer(members)
-    assert isinstance(avg, ScoreAverage) and avg.never_rank == (0, 10)
-    torch.testing.assert_close(avg.score(ids), (members["e5"].score(ids) + members["e10"].score(ids)) / 2)
+    class Constant(torch.nn.Module):
+        never_rank = (0, 10)
+
+        def __init__(self, value):
+            super().__init__()
+            self.value = value
+
+        def score(self, ids):
+            return torch.full((ids.shape[0], 11), self.value)
+
+    avg = ScoreAverage({"e5": Constant(1.0), "e10": Constant(4.0)})
+    assert avg.never_rank == (0, 10)
+    assert torch.equal(avg.score(tiny_batch()["input_ids"]), torch.full((3, 11), 2.5))
+    members = build_members(tiny_cfg(), num_items=9, max_len=5)
+    assert isinstance(scorer(members), ScoreAverage)
     single = build_members(tiny_cfg(name="elcrec"), num_items=9, max_len=5)
     assert list(single) == ["model"] and scorer(single) is single["model"]
 
