@@ -1,6 +1,6 @@
 """Full-ranking HR@K / NDCG@K: the single place where ranking metrics are computed.
 
-Protocol (METHOD.md section 4): every item is a candidate, the user's history is excluded
+Protocol (docs/method.md section 4): every item is a candidate, the user's history is excluded
 (-inf), the padding row 0 and the mask row N+1 are never ranked, one relevant item per user,
 NDCG = 1 / log2(rank + 2), averages are over users.
 

@@ -7,7 +7,7 @@
 #   bash profiling/gpu_suite.sh OUT_DIR
 #
 # Expects torch, triton, deepspeed, faiss, nvtx, numpy, tqdm, pyyaml, matplotlib installed
-# (on a machine without network: ../shared/tools/gpu-wheels.sh, then its install line).
+# (a machine without network needs these as local wheels first).
 # Steps continue after a failure; each one's exit status is listed in OUT_DIR/status.txt.
 set -u
 OUT=${1:?usage: bash profiling/gpu_suite.sh OUT_DIR}

@@ -1,5 +1,5 @@
 """Hierarchical diffusion (adarec/diffusion.py) and the gated fusion (adarec/fusion.py) against
-hand-written per-pair / per-position / per-user loop references (METHOD.md 2.2 and 2.3)."""
+hand-written per-pair / per-position / per-user loop references (docs/method.md 2.2 and 2.3)."""
 
 import math
 
@@ -34,7 +34,7 @@ def gelu_ref(x):
 
 
 def trajectory_ref(e0, lengths, depths, sqrt_abar, sqrt_one_minus, w1, b1, step_table, w2, b2, noise):
-    """METHOD.md 2.2, one (user, level) pair and one position at a time."""
+    """docs/method.md 2.2, one (user, level) pair and one position at a time."""
     length, dim = e0.shape[1], e0.shape[2]
     rows, sq_errors = [], []
     pair = 0

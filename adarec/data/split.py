@@ -1,4 +1,4 @@
-"""Leave-one-out split into padded train / valid / test tensors (METHOD.md section 4).
+"""Leave-one-out split into padded train / valid / test tensors (docs/method.md section 4).
 
 For a user sequence s (n >= 3 items, oldest first):
 

@@ -1,4 +1,4 @@
-"""ELCRec: SASRec + instance contrast + end-to-end learnable intent clustering (METHOD.md 2.5).
+"""ELCRec: SASRec + instance contrast + end-to-end learnable intent clustering (docs/method.md 2.5).
 
 Loss = rec + cf_weight * instance NT-Xent over the two augmented views (flattened L*D encoder
 outputs, dot products, temperature 1) + intent_cf_weight * NT-Xent between each view's pooled

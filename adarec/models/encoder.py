@@ -1,4 +1,4 @@
-"""The SASRec backbone as the ICLRec/ELCRec code builds it (METHOD.md section 1).
+"""The SASRec backbone as the ICLRec/ELCRec code builds it (docs/method.md section 1).
 
 Item + learned position embedding -> LayerNorm(eps 1e-12) -> dropout gives the sequence
 embedding E^0; post-LN Transformer blocks (2 heads, FFN 4D, exact GELU) encode it. Sequences
