@@ -83,3 +83,17 @@ def test_nvtx_ranges_on_cpu_cover_every_phase_of_an_adarec_run(tmp_path, monkeyp
     expected = {"data", "forward", "controller", "trajectory", "experts", "fusion", "losses", "backward",
                 "optimizer_step", "evaluation"}
     assert expected <= set(entered)
+
+
+def test_ranking_precision_reports_bf16_ties(tmp_path, capsys):
+    """profiling/ranking_precision.py on a one-epoch run: bf16-rounded scores tie the target with
+    other candidates far more often than fp32 scores of the same bf16 network."""
+    from adarec.profiling import ranking_precision
+
+    cfg = load_config(REPO / "configs/sasrec_beauty.yaml", [*TINY, "train.epochs=1"])
+    run_training(cfg, tmp_path / "run")
+    assert ranking_precision.main(["--run", str(tmp_path / "run")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result) >= {"bf16", "fp32"}
+    assert result["bf16"]["target_tied_frac"] > result["fp32"]["target_tied_frac"]
+    assert 0.0 <= result["fp32"]["NDCG@20"] <= result["fp32"]["HR@20"] <= 1.0
