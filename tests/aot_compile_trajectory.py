@@ -15,7 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 INT32_POINTERS = {"row_user_ptr", "row_pos_ptr", "num_rows_ptr", "depth_ptr", "offsets_ptr"}
-FP32_POINTERS = {"sqrt_abar_ptr", "sqrt_1m_abar_ptr", "loss_part_ptr", "loss_coef_ptr", "deps_hat_ptr"}
+FP32_POINTERS = {"sqrt_abar_ptr", "sqrt_1m_abar_ptr", "loss_part_ptr", "loss_coef_ptr", "deps_hat_ptr", "loss_w_ptr"}
 
 
 def signature(fn, dtype: str, constants: dict) -> dict:
