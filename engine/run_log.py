@@ -48,9 +48,14 @@ def is_marker(row: dict) -> bool:
     return "event" in row
 
 
+def _superseded(row: dict, resumed_after: int) -> bool:
+    """Whether a resume from the checkpoint of epoch `resumed_after` supersedes this row."""
+    return row["epoch"] > resumed_after or row.get("split") == "test"
+
+
 def superseded_by_resume(rows: list[dict], epoch: int) -> list[dict]:
     """The rows in force that a resume from the checkpoint of `epoch` supersedes."""
-    return [r for r in current_rows(rows) if r["epoch"] > epoch or r.get("split") == "test"]
+    return [r for r in current_rows(rows) if _superseded(r, epoch)]
 
 
 def current_rows(rows: list[dict]) -> list[dict]:
@@ -59,7 +64,7 @@ def current_rows(rows: list[dict]) -> list[dict]:
     for row in rows:
         if is_marker(row):
             if row["event"] == "resumed":
-                kept = [r for r in kept if r["epoch"] <= row["epoch"] and r.get("split") != "test"]
+                kept = [r for r in kept if not _superseded(r, row["epoch"])]
             continue
         kept.append(row)
     return kept
