@@ -51,7 +51,7 @@ class PackedLevels:
     pair_user: torch.Tensor    # int64 [P]
     pair_level: torch.Tensor   # int64 [P]
     offsets: torch.Tensor      # int64 [B+1]; user u owns rows offsets[u]:offsets[u+1]
-    pair_active: torch.Tensor  # bool [P]; level <= T_u (False: computed only for the controller's gradient)
+    pair_active: torch.Tensor  # bool [P]; level <= the depth packed for (False: an extra level of depth_gradient)
 
     @property
     def num_pairs(self) -> int:

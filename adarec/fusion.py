@@ -7,9 +7,10 @@ packed (user, level) pairs k of user b:
   gate         = sigmoid(z_coar W_g^T + b_g)                                         [B, L, D]
   h            = gate * z_fin + (1 - gate) * z_coar                                  [B, L, D]
 fin [P, L, D] is the fine expert's output, coar [P, L, D] the coarse expert's output on the
-prefix pools, g [P, L] the router weight. m [P] is the depth mask: value 1 for the levels
-<= T_u, 0 for a level computed only to give the controller a gradient (the "probe"), and in
-both cases the straight-through gradient of the controller's survival probability.
+prefix pools, g [P, L] the router weight. m [P, L] is the depth mask, per position because the
+depth is chosen per prefix: value 1 where the level is <= the depth at that position, 0 where it
+is computed only for other positions or to give the controller a gradient (the "probe"), with
+the controller's straight-through gradient where docs/method.md 2.1 gives one.
 
 This is the test oracle of the C++/CUDA fused op; `gated_fusion` is the contract both share.
 """
@@ -44,8 +45,8 @@ def gated_fusion(
     b_gate: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (h [B, L, D], z_coar [B, L, D]); see the module docstring."""
-    w_fin = m[:, None] * g                 # [P, L]
-    w_coar = m[:, None] * (1.0 - g)
+    w_fin = m * g                          # [P, L]
+    w_coar = m * (1.0 - g)
     z_fin = segment_sum(w_fin[..., None] * fin, offsets) / (segment_sum(w_fin, offsets)[..., None] + EPS)
     z_coar = segment_sum(w_coar[..., None] * coar, offsets) / (segment_sum(w_coar, offsets)[..., None] + EPS)
     gate = torch.sigmoid(torch.nn.functional.linear(z_coar, w_gate, b_gate))

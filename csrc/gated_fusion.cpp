@@ -1,8 +1,8 @@
 // Gated expert fusion: operator schemas, the CPU implementation and the Python module stub.
 //
 // Forward, per user b with packed pairs k in offsets[b]:offsets[b+1], per position l:
-//   den_fin[l]  = sum_k m_k g_k[l] + eps,        z_fin[l]  = sum_k m_k g_k[l] fin_k[l] / den_fin[l]
-//   den_coar[l] = sum_k m_k (1 - g_k[l]) + eps,  z_coar[l] = sum_k m_k (1 - g_k[l]) coar_k[l] / den_coar[l]
+//   den_fin[l]  = sum_k m_k[l] g_k[l] + eps,        z_fin[l]  = sum_k m_k[l] g_k[l] fin_k[l] / den_fin[l]
+//   den_coar[l] = sum_k m_k[l] (1 - g_k[l]) + eps,  z_coar[l] = sum_k m_k[l] (1 - g_k[l]) coar_k[l] / den_coar[l]
 //   gate = sigmoid(z_coar W^T + b)   (the matrix product over all B * L positions is an ATen call)
 //   h = gate * z_fin + (1 - gate) * z_coar
 // The segment sums, normalisations, sigmoid and combine are single passes with the sums kept in
@@ -40,9 +40,8 @@ void segment_means_cpu(const at::Tensor& fin, const at::Tensor& coar, const at::
       std::fill(sum_f.begin(), sum_f.end(), acc_t(0));
       std::fill(sum_c.begin(), sum_c.end(), acc_t(0));
       for (int64_t k = off[b]; k < off[b + 1]; ++k) {
-        const acc_t mk = m_p[k];
         for (int64_t l = 0; l < L; ++l) {
-          const acc_t gk = g_p[k * L + l];
+          const acc_t gk = g_p[k * L + l], mk = m_p[k * L + l];
           const acc_t wf = mk * gk, wc = mk * (acc_t(1) - gk);
           sum_f[l] += wf;
           sum_c[l] += wc;
@@ -137,7 +136,7 @@ void gate_grad_cpu(const at::Tensor& grad_h, const at::Tensor& grad_zc, const at
 }
 
 // Gradients of the packed inputs: fin, coar and the two per-(pair, position) weights, folded
-// into g [P, L] and m [P] (m's gradient sums its positions).
+// into g [P, L] and m [P, L].
 template <typename scalar_t, typename acc_t>
 void pair_grad_cpu(const at::Tensor& grad_h, const at::Tensor& d_zc, const at::Tensor& fin, const at::Tensor& coar,
                    const at::Tensor& g, const at::Tensor& m, const at::Tensor& offsets, const at::Tensor& z_fin,
@@ -164,10 +163,8 @@ void pair_grad_cpu(const at::Tensor& grad_h, const at::Tensor& d_zc, const at::T
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t k = off[b]; k < off[b + 1]; ++k) {
-        const acc_t mk = m_p[k];
-        acc_t dm_k = 0;
         for (int64_t l = 0; l < L; ++l) {
-          const acc_t gk = g_p[k * L + l];
+          const acc_t gk = g_p[k * L + l], mk = m_p[k * L + l];
           const acc_t wf = mk * gk, wc = mk * (acc_t(1) - gk);
           const acc_t inv_df = acc_t(1) / df[b * L + l], inv_dc = acc_t(1) / dc[b * L + l];
           // z = sum_k w_k x_k / (sum_k w_k + eps): dz/dx_k = w_k / den, dz/dw_k = (x_k - z) / den.
@@ -182,9 +179,8 @@ void pair_grad_cpu(const at::Tensor& grad_h, const at::Tensor& d_zc, const at::T
             dwc += dzc * (static_cast<acc_t>(coar_p[row + d]) - static_cast<acc_t>(zc[out + d]));
           }
           dg[k * L + l] = static_cast<scalar_t>(mk * (dwf - dwc));
-          dm_k += gk * dwf + (acc_t(1) - gk) * dwc;
+          dm[k * L + l] = static_cast<scalar_t>(gk * dwf + (acc_t(1) - gk) * dwc);
         }
-        dm[k] = static_cast<scalar_t>(dm_k);
       }
     }
   });

@@ -1,6 +1,6 @@
 // Gated expert fusion (docs/method.md 2.3): shared declarations and input checks of the CPU and
 // CUDA implementations. The eager twin and the definition of every quantity is adarec/fusion.py.
-// Everything is per position (training is causal): coar [P, L, D], g [P, L], outputs [B, L, D].
+// Everything is per position (training is causal): coar [P, L, D], g and m [P, L], outputs [B, L, D].
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,7 +27,8 @@ inline void check_fusion_inputs(const at::Tensor& fin, const at::Tensor& coar, c
               "], got ", coar.sizes());
   TORCH_CHECK(g.dim() == 2 && g.size(0) == P && g.size(1) == L, "gated_fusion: g must be [P, L] = [", P, ", ", L,
               "], got ", g.sizes());
-  TORCH_CHECK(m.dim() == 1 && m.size(0) == P, "gated_fusion: m must be [P] = [", P, "], got ", m.sizes());
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == P && m.size(1) == L, "gated_fusion: m must be [P, L] = [", P, ", ", L,
+              "], got ", m.sizes());
   TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1, "gated_fusion: offsets must be [B + 1], got ",
               offsets.sizes());
   TORCH_CHECK(offsets.scalar_type() == at::kLong, "gated_fusion: offsets must be int64, got ",

@@ -1,12 +1,12 @@
 // Gated expert fusion, CUDA implementation (the math is described in gated_fusion.cpp).
 //
-// Everything is per position: coar [P, L, D], g [P, L], outputs [B, L, D].
+// Everything is per position: coar [P, L, D], g and m [P, L], outputs [B, L, D].
 // Forward: one kernel per weighted mean (users x column blocks of the L * D columns; each
 // thread walks its user's few levels), the gate's matrix product through ATen (cuBLAS), one
 // elementwise kernel for sigmoid + combine. Backward: an elementwise kernel for the gate, ATen
 // products for the gate's linear layer, and one warp per (pair, position) that writes d fin /
-// d coar and reduces the two weight gradients over D with warp shuffles; m's gradient is the
-// sum over positions of a [P, L] buffer. All sums in float (double for double inputs).
+// d coar and reduces the two weight gradients over D with warp shuffles. All sums in float
+// (double for double inputs).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -22,8 +22,8 @@ constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = kThreads / kWarp;
 
 // Weighted mean of the packed rows x [P, L * D] per user and position:
-// out[b, l, :] = sum_k w_k[l] x_k[l, :] / (sum_k w_k[l] + eps), w_k[l] = m_k g_k[l] (fine) or
-// m_k (1 - g_k[l]) (coarse); den_out [B, L] keeps the denominators for the backward.
+// out[b, l, :] = sum_k w_k[l] x_k[l, :] / (sum_k w_k[l] + eps), w_k[l] = m_k[l] g_k[l] (fine) or
+// m_k[l] (1 - g_k[l]) (coarse); den_out [B, L] keeps the denominators for the backward.
 template <typename scalar_t, typename acc_t, bool kCoarse>
 __global__ void segment_mean_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                                     const scalar_t* __restrict__ m, const int64_t* __restrict__ offsets,
@@ -37,7 +37,7 @@ __global__ void segment_mean_kernel(const scalar_t* __restrict__ x, const scalar
   acc_t sum = 0, den = 0;
   for (int64_t k = k0; k < k1; ++k) {
     const acc_t gk = static_cast<acc_t>(g[k * L + l]);
-    const acc_t w = static_cast<acc_t>(m[k]) * (kCoarse ? acc_t(1) - gk : gk);
+    const acc_t w = static_cast<acc_t>(m[k * L + l]) * (kCoarse ? acc_t(1) - gk : gk);
     den += w;
     sum += w * static_cast<acc_t>(x[k * width + j]);
   }
@@ -95,13 +95,13 @@ __global__ void pair_grad_kernel(const scalar_t* __restrict__ grad_h, const acc_
                                  const scalar_t* __restrict__ gate, const acc_t* __restrict__ den_fin,
                                  const acc_t* __restrict__ den_coar, int64_t P, int64_t L, int64_t D,
                                  scalar_t* __restrict__ d_fin, scalar_t* __restrict__ d_coar,
-                                 scalar_t* __restrict__ d_g, acc_t* __restrict__ d_m_part) {
+                                 scalar_t* __restrict__ d_g, scalar_t* __restrict__ d_m) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= P * L) return;
   const int64_t k = row / L, l = row % L;
   const int64_t b = owner_of(offsets, num_users, k);
-  const acc_t gk = static_cast<acc_t>(g[row]), mk = static_cast<acc_t>(m[k]);
+  const acc_t gk = static_cast<acc_t>(g[row]), mk = static_cast<acc_t>(m[row]);
   const acc_t wf = mk * gk, wc = mk * (acc_t(1) - gk);
   const acc_t inv_df = acc_t(1) / den_fin[b * L + l], inv_dc = acc_t(1) / den_coar[b * L + l];
   const int64_t in = row * D, out = (b * L + l) * D;
@@ -119,7 +119,7 @@ __global__ void pair_grad_kernel(const scalar_t* __restrict__ grad_h, const acc_
   dwc = warp_sum(dwc);
   if (lane == 0) {
     d_g[row] = static_cast<scalar_t>(mk * (dwf - dwc));
-    d_m_part[row] = gk * dwf + (acc_t(1) - gk) * dwc;
+    d_m[row] = static_cast<scalar_t>(gk * dwf + (acc_t(1) - gk) * dwc);
   }
 }
 
@@ -198,7 +198,7 @@ BackwardResult gated_fusion_backward_cuda(const at::Tensor& grad_h, const at::Te
   auto d_fin = at::zeros_like(fin);
   auto d_coar = at::zeros_like(coar);
   auto d_g = at::zeros_like(g);
-  auto d_m_part = at::zeros({P, L}, fin.options().dtype(acc));
+  auto d_m = at::zeros_like(m);
   if (P * L > 0 && D > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, fin.scalar_type(), "gated_fusion_pair_grad", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -207,11 +207,10 @@ BackwardResult gated_fusion_backward_cuda(const at::Tensor& grad_h, const at::Te
           g.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(), B,
           z_fin.data_ptr<scalar_t>(), z_coar.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(),
           den_fin.data_ptr<acc_t>(), den_coar.data_ptr<acc_t>(), P, L, D, d_fin.data_ptr<scalar_t>(),
-          d_coar.data_ptr<scalar_t>(), d_g.data_ptr<scalar_t>(), d_m_part.data_ptr<acc_t>());
+          d_coar.data_ptr<scalar_t>(), d_g.data_ptr<scalar_t>(), d_m.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  const auto d_m = d_m_part.sum(1).to(m.scalar_type());
   return {d_fin, d_coar, d_g, d_m, d_w, d_b};
 }
 

@@ -3,7 +3,7 @@
     python -m adarec.profiling.bench_fusion --out results/bench/fusion
 
 Packed layout of B users with depths uniform in 0..T_max (P = sum (T_u + 1) pairs), fine- and
-coarse-expert outputs [P, L, D], router weights [P, L] and straight-through masks [P] (the
+coarse-expert outputs [P, L, D], router weights and straight-through masks [P, L] (the
 per-position contract of docs/method.md 2.3). One call = forward, a random linear functional of
 (h, z_coar), backward to every input.
 """
@@ -35,7 +35,7 @@ def packed_inputs(args, device: torch.device) -> dict:
     return {
         "fin": leaf(pairs, args.max_len, args.dim), "coar": leaf(pairs, args.max_len, args.dim),
         "g": torch.rand(pairs, args.max_len, generator=g).to(device=device, dtype=dtype).requires_grad_(),
-        "m": leaf(pairs, scale=0.0, shift=1.0), "offsets": F.pad(counts.cumsum(0), (1, 0)).to(device),
+        "m": leaf(pairs, args.max_len, scale=0.0, shift=1.0), "offsets": F.pad(counts.cumsum(0), (1, 0)).to(device),
         "w_gate": leaf(args.dim, args.dim, scale=args.dim**-0.5), "b_gate": leaf(args.dim, scale=0.02),
     }
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         impls["native"] = ops.gated_fusion
     shape = {"B": args.batch, "L": args.max_len, "D": args.dim, "T_max": args.max_depth,
-             "pairs": inputs["m"].numel(), "dtype": args.dtype}
+             "pairs": inputs["m"].shape[0], "dtype": args.dtype}
     env = environment(device)
     rows = []
     for name in args.backends:

@@ -39,12 +39,15 @@ def make_model(seed=0, backend="eager", **kw):
     return model
 
 
-def fixed_decision(depths, seed=0, survival=None):
-    """A controller output with hard depths, probs that require grad and the survival function
-    of those probs (or a given survival tensor, e.g. a leaf to read dL/ds)."""
-    depths = torch.tensor(depths)
+def fixed_decision(depths, seed=0, survival=None, length=MAX_LEN):
+    """A controller output with hard depths (one per user, the same at every position, or a full
+    [B, L] tensor), probs that require grad and the survival function of those probs (or a given
+    survival tensor, e.g. a leaf to read dL/ds)."""
+    depths = torch.as_tensor(depths)
+    if depths.dim() == 1:
+        depths = depths[:, None].expand(-1, length).contiguous()
     gen = torch.Generator().manual_seed(seed)
-    probs = F.softmax(torch.randn(depths.numel(), T_MAX + 1, generator=gen), -1).requires_grad_()
+    probs = F.softmax(torch.randn(*depths.shape, T_MAX + 1, generator=gen), -1).requires_grad_()
     if survival is None:
         survival = probs.flip(-1).cumsum(-1).flip(-1)
     exploration = (probs * probs.log()).sum(-1).mean()
@@ -71,20 +74,51 @@ def test_controller_eval_is_argmax_without_noise():
     torch.manual_seed(2)
     second = ctrl(e0, ids)
     logits = ctrl.logits(e0, ids)
-    assert torch.equal(first.depths, logits.argmax(-1))
+    assert logits.shape == (5, MAX_LEN, T_MAX + 1)
+    items = ids > 0
+    assert torch.equal(first.depths[items], logits.argmax(-1)[items])
+    assert torch.equal(first.depths[~items], torch.zeros_like(first.depths[~items]))   # padding: depth 0
+    assert torch.equal(first.sequence_depths, logits[:, -1].argmax(-1))
     assert torch.equal(first.depths, second.depths)
     assert torch.equal(first.probs, second.probs)
     assert first.depths.dtype == torch.int64
-    probs = F.softmax(logits, -1)
-    torch.testing.assert_close(first.probs, probs)
-    entropy = -(probs * probs.log()).sum(-1)
-    torch.testing.assert_close(first.exploration, -entropy.mean())
-    assert float(first.exploration.detach()) < 0
+    torch.testing.assert_close(first.probs, F.softmax(logits, -1))
+
+
+def test_controller_exploration_is_minus_the_entropy_over_item_positions():
+    torch.manual_seed(0)
+    ctrl = DepthController(HIDDEN, MAX_LEN, T_MAX).eval()
+    ids = batch_for()["input_ids"]
+    with torch.no_grad():
+        dec = ctrl(torch.randn(5, MAX_LEN, HIDDEN), ids)
+    per_user = []
+    for u in range(5):
+        rows = [dec.probs[u, i] for i in range(MAX_LEN) if ids[u, i] > 0]
+        per_user.append(sum(-sum(float(p) * math.log(float(p)) for p in row) for row in rows) / len(rows))
+    assert float(dec.exploration) == pytest.approx(-sum(per_user) / 5, rel=1e-5)
+
+
+def test_controller_position_i_reads_only_positions_up_to_i():
+    """The prefix depth: logits at i do not move when a later item changes; at the last position
+    they summarise the whole input."""
+    torch.manual_seed(0)
+    ctrl = DepthController(HIDDEN, MAX_LEN, T_MAX).eval()
+    ids = batch_for()["input_ids"]
+    e0 = torch.randn(5, MAX_LEN, HIDDEN, generator=torch.Generator().manual_seed(1))
+    logits = ctrl.logits(e0, ids)
+    for j in range(1, MAX_LEN):
+        e1 = e0.clone()
+        e1[:, j] += 1.0
+        ids1 = ids.clone()
+        ids1[:, j] = torch.where(ids[:, j] > 0, ids[:, j] % NUM_ITEMS + 1, 0)
+        moved = ctrl.logits(e1, ids1)
+        assert torch.equal(moved[:, :j], logits[:, :j]), j
+        assert not torch.allclose(moved[:, -1], logits[:, -1])
 
 
 def test_controller_training_depths_follow_the_softmax_of_the_logits():
     """Gumbel-max: the hard training depth argmax((logits + g) / tau) is distributed as
-    softmax(logits), whatever tau. Checked by a chi-square over many draws per user."""
+    softmax(logits), whatever tau. Checked by a chi-square over many draws per user (last position)."""
     torch.manual_seed(0)
     ctrl = DepthController(HIDDEN, MAX_LEN, T_MAX, tau=0.5).train()
     with torch.no_grad():
@@ -93,16 +127,17 @@ def test_controller_training_depths_follow_the_softmax_of_the_logits():
     e0 = torch.randn(5, MAX_LEN, HIDDEN, generator=torch.Generator().manual_seed(1))
     draws = 4000
     with torch.no_grad():
-        want = F.softmax(ctrl.logits(e0, ids), -1)
+        want = F.softmax(ctrl.logits(e0, ids)[:, -1], -1)
         dec = ctrl(e0.repeat(draws, 1, 1), ids.repeat(draws, 1), generator=torch.Generator().manual_seed(9))
-    counts = torch.zeros(5, T_MAX + 1).index_put_((torch.arange(5).repeat(draws), dec.depths),
+    counts = torch.zeros(5, T_MAX + 1).index_put_((torch.arange(5).repeat(draws), dec.sequence_depths),
                                                   torch.ones(5 * draws), accumulate=True)
     expected = want * draws
     chi2 = ((counts - expected) ** 2 / expected).sum(-1)
     assert (chi2 < 25).all(), chi2                                # df = 3: P(chi2 > 25) < 2e-5
     # The soft probabilities are a distribution and their argmax is the hard depth.
-    torch.testing.assert_close(dec.probs.sum(-1), torch.ones(5 * draws))
-    assert torch.equal(dec.depths, dec.probs.argmax(-1))
+    torch.testing.assert_close(dec.probs.sum(-1), torch.ones(5 * draws, MAX_LEN))
+    items = ids.repeat(draws, 1) > 0
+    assert torch.equal(dec.depths[items], dec.probs.argmax(-1)[items])
 
 
 def test_controller_survival_is_the_tail_sum_of_the_probabilities():
@@ -110,24 +145,30 @@ def test_controller_survival_is_the_tail_sum_of_the_probabilities():
     ctrl = DepthController(HIDDEN, MAX_LEN, T_MAX).train()
     dec = ctrl(torch.randn(5, MAX_LEN, HIDDEN), batch_for()["input_ids"])
     for k in range(T_MAX + 1):
-        torch.testing.assert_close(dec.survival[:, k], dec.probs[:, k:].sum(-1))
-        (grad,) = torch.autograd.grad(dec.survival[:, k].sum(), dec.probs, retain_graph=True)
-        want = (torch.arange(T_MAX + 1) >= k).float().expand(5, -1)
+        torch.testing.assert_close(dec.survival[..., k], dec.probs[..., k:].sum(-1))
+        (grad,) = torch.autograd.grad(dec.survival[..., k].sum(), dec.probs, retain_graph=True)
+        want = (torch.arange(T_MAX + 1) >= k).float().expand(5, MAX_LEN, -1)
         assert torch.equal(grad, want), f"d s_{k} / d p"
 
 
-def test_pair_masks_have_value_one_or_zero_and_the_gradient_of_the_survival():
-    dec = fixed_decision([1, 3, 0])
-    packed = pack_levels(dec.depths, T_MAX, "probe")
-    m = dec.pair_masks(packed.pair_user, packed.pair_level, packed.pair_active)
-    assert torch.equal(m.detach(), packed.pair_active.float())            # 1 active, 0 probe
-    weights = torch.randn(packed.num_pairs, generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("mode", ["none", "probe", "all"])
+def test_pair_masks_per_position_value_and_gradient(mode):
+    """m[p, i] has value [k <= depth[u, i]] and the gradient of s_k[u, i] on the levels the mode
+    gives one to: none the active ones, probe also depth + 1, all every computed level."""
+    depths = torch.tensor([[0, 1, 1, 2], [3, 3, 2, 0]])
+    dec = fixed_decision(depths, length=4)
+    packed = pack_levels(dec.top_depths(), T_MAX, "all")
+    m = dec.pair_masks(packed.pair_user, packed.pair_level, mode)
+    weights = torch.randn(m.shape, generator=torch.Generator().manual_seed(2))
     (grad,) = torch.autograd.grad((m * weights).sum(), dec.probs)
-    # d/dp_j sum_pairs w_pair s_{u, k(pair)} = sum of w over the user's pairs with level <= j.
-    want = torch.zeros(3, T_MAX + 1)
+    reach = {"none": 0, "probe": 1, "all": T_MAX}[mode]
+    want = torch.zeros(2, 4, T_MAX + 1)
     for p in range(packed.num_pairs):
         u, k = int(packed.pair_user[p]), int(packed.pair_level[p])
-        want[u, k:] += weights[p]
+        for i in range(4):
+            assert float(m[p, i].detach()) == float(k <= depths[u, i])
+            if k <= depths[u, i] + reach:
+                want[u, i, k:] += weights[p, i]            # d s_k / d p_j = 1 for j >= k
     torch.testing.assert_close(grad, want)
 
 
@@ -268,7 +309,26 @@ def test_computed_levels_per_depth_gradient_mode(monkeypatch, mode, levels):
         assert packed.pair_active[rows].tolist() == [k <= t for k in range(levels[u])]
     assert rows_encoded == [sum(levels)]
     model.eval()
-    assert model.user_representation(ids)["packed"].num_pairs == sum(depths) + len(depths)
+    assert model.user_representation(ids, last_only=True)["packed"].num_pairs == sum(depths) + len(depths)
+
+
+def test_levels_follow_the_deepest_prefix_in_training_and_the_last_one_for_scoring(monkeypatch):
+    """Per-prefix depths: training builds every level some item position reaches (and the probe
+    above it); scoring builds the last position's levels 0..T_u only, and h at the last position
+    is the same either way."""
+    ids = batch_for()["input_ids"]
+    depths = torch.zeros(5, MAX_LEN, dtype=torch.long)
+    depths[0] = torch.tensor([1, 0, 2, 0, 1, 0, 0, 1])      # deepest prefix 2, last position 1
+    depths[3, -5:] = torch.tensor([0, 3, 1, 0, 0])           # deepest prefix 3, last position 0
+    model = make_model(depth_gradient="probe").train()
+    patch_controller(monkeypatch, model, fixed_decision(depths))
+    packed = model.user_representation(ids)["packed"]
+    assert (packed.offsets[1:] - packed.offsets[:-1]).tolist() == [4, 2, 2, 4, 2]
+    model.eval()
+    full = model.user_representation(ids)
+    last = model.user_representation(ids, last_only=True)
+    assert (last["packed"].offsets[1:] - last["packed"].offsets[:-1]).tolist() == [2, 1, 1, 1, 1]
+    torch.testing.assert_close(last["h"][:, -1], full["h"][:, -1], rtol=0, atol=0)
 
 
 def test_user_outputs_ignore_levels_above_their_depth(monkeypatch):
@@ -338,20 +398,25 @@ def test_straight_through_gradient_is_the_cumulative_mask_gradient(monkeypatch):
 
 
 def test_without_the_probe_no_gradient_pushes_deeper_and_with_it_one_does(monkeypatch):
-    """The normalised fusion makes the mask gradients of the active levels sum to ~0, so under
-    `none` dL/dp_j vanishes for j >= T_u (the controller can only be pushed shallower). The probe
-    level gives dL/dp_{T_u + 1} a real value for every user below T_max."""
+    """The normalised fusion makes the mask gradients of the active levels sum to ~0 at every
+    position, so under `none` dL/dp_j vanishes for j >= the depth (the controller can only be
+    pushed shallower). The probe level gives dL/dp_{depth + 1} a real value at every item
+    position of every user below T_max."""
     depths = [1, 3, 0, 2, 1]
+    ids = batch_for()["input_ids"]
     none = controller_gradients(monkeypatch, "none", depths)
     probe = controller_gradients(monkeypatch, "probe", depths)
     scale = none.abs().max()
     assert scale > 1e-4
     for u, t in enumerate(depths):
-        assert none[u, t:].abs().max() < 1e-4 * scale, f"user {u}: {none[u]}"
-        if t < T_MAX:
-            assert probe[u, t + 1].abs() > 1e-2 * scale, f"user {u}: {probe[u]}"
-        # The probe does not change what the active levels receive.
-        torch.testing.assert_close(probe[u, :t], none[u, :t], rtol=1e-5, atol=1e-9)
+        for i in range(MAX_LEN):
+            if ids[u, i] == 0:
+                continue
+            assert none[u, i, t:].abs().max() < 1e-4 * scale, f"user {u} position {i}: {none[u, i]}"
+            if t < T_MAX:
+                assert probe[u, i, t + 1].abs() > 1e-3 * scale, f"user {u} position {i}: {probe[u, i]}"
+            # The probe does not change what the active levels receive.
+            torch.testing.assert_close(probe[u, i, :t], none[u, i, :t], rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("backend", ["eager", "fused"])
@@ -442,7 +507,7 @@ def test_loss_terms_match_independent_references(monkeypatch):
 
     expl, *_ = loss_with(lambda_expl=1.0)
     probs = decision.probs.detach()
-    entropy = sum(-float(p) * math.log(float(p)) for row in probs for p in row) / len(depths)
+    entropy = sum(-float(p) * math.log(float(p)) for p in probs.flatten()) / (len(depths) * MAX_LEN)
     assert expl - base == pytest.approx(-entropy, rel=1e-5)
 
     deno, *_ = loss_with(lambda_deno=1.0)

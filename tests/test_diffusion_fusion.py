@@ -74,10 +74,10 @@ def fusion_ref(fin, coar, g, m, counts, w_gate, b_gate):
             num_coar = torch.zeros_like(coar[0, 0])
             den_coar = torch.zeros((), dtype=fin.dtype)
             for k in range(row, row + c):
-                num_fin = num_fin + m[k] * g[k, i] * fin[k, i]
-                den_fin = den_fin + m[k] * g[k, i]
-                num_coar = num_coar + m[k] * (1.0 - g[k, i]) * coar[k, i]
-                den_coar = den_coar + m[k] * (1.0 - g[k, i])
+                num_fin = num_fin + m[k, i] * g[k, i] * fin[k, i]
+                den_fin = den_fin + m[k, i] * g[k, i]
+                num_coar = num_coar + m[k, i] * (1.0 - g[k, i]) * coar[k, i]
+                den_coar = den_coar + m[k, i] * (1.0 - g[k, i])
             z_fin = num_fin / (den_fin + 1e-8)
             z_coar = num_coar / (den_coar + 1e-8)
             gate = 1.0 / (1.0 + torch.exp(-(w_gate @ z_coar + b_gate)))
@@ -307,7 +307,7 @@ def test_gated_fusion_matches_per_user_loop(depths, dim):
 
     fin, coar = leaf(p, length, dim), leaf(p, length, dim)
     g = torch.rand(p, length, generator=gen, dtype=torch.float64).mul(0.9).add(0.05).requires_grad_()
-    m = torch.rand(p, generator=gen, dtype=torch.float64).add(0.5).requires_grad_()  # any positive weights
+    m = torch.rand(p, length, generator=gen, dtype=torch.float64).add(0.5).requires_grad_()  # any positive weights
     w_gate, b_gate = leaf(dim, dim, scale=0.5), leaf(dim, scale=0.5)
     inputs = [fin, coar, g, m, w_gate, b_gate]
 
@@ -329,10 +329,9 @@ def test_gated_fusion_single_level_user_keeps_the_eps():
     # One level with g = 1: z_coar = 0 * coar / (0 + 1e-8) = 0 exactly, z_fin = fin / (1 + 1e-8).
     fin = torch.full((1, 2, 3), 2.0, dtype=torch.float64)
     coar = torch.full((1, 2, 3), 5.0, dtype=torch.float64)
-    one = torch.ones(1, dtype=torch.float64)
+    one = torch.ones(1, 2, dtype=torch.float64)
     w_gate = torch.zeros(3, 3, dtype=torch.float64)
     b_gate = torch.zeros(3, dtype=torch.float64)
-    h, z_coar = gated_fusion(fin, coar, torch.ones(1, 2, dtype=torch.float64), one, torch.tensor([0, 1]), w_gate,
-                             b_gate)
+    h, z_coar = gated_fusion(fin, coar, one, one, torch.tensor([0, 1]), w_gate, b_gate)
     assert torch.equal(z_coar, torch.zeros_like(z_coar))
     torch.testing.assert_close(h, 0.5 * fin / (1.0 + 1e-8), rtol=1e-15, atol=0)

@@ -25,9 +25,9 @@ def make_inputs(levels_per_user, length, dim, dtype=torch.float64, device="cpu",
     g = torch.Generator().manual_seed(seed)
     counts = torch.tensor(levels_per_user)
     pairs = int(counts.sum())
-    mask = torch.ones(pairs)
+    mask = torch.ones(pairs, length)
     if st_masks:  # a straight-through mask is exactly 1 in value; vary it so its gradient path is tested
-        mask = mask + 0.3 * torch.randn(pairs, generator=g)
+        mask = mask + 0.3 * torch.randn(pairs, length, generator=g)
     inputs = {
         "fin": torch.randn(pairs, length, dim, generator=g),
         "coar": torch.randn(pairs, length, dim, generator=g),
@@ -101,8 +101,8 @@ def loop_fusion(inputs):
     for u in range(users):
         rows = range(int(offsets[u]), int(offsets[u + 1]))
         for i in range(length):
-            wf = [float(m[k] * g[k, i]) for k in rows]
-            wc = [float(m[k] * (1 - g[k, i])) for k in rows]
+            wf = [float(m[k, i] * g[k, i]) for k in rows]
+            wc = [float(m[k, i] * (1 - g[k, i])) for k in rows]
             zf = sum(x * fin[k, i] for x, k in zip(wf, rows, strict=True)) / (sum(wf) + 1e-8)
             zc = sum(x * coar[k, i] for x, k in zip(wc, rows, strict=True)) / (sum(wc) + 1e-8)
             gate = torch.sigmoid(w @ zc + b)
@@ -139,7 +139,7 @@ def test_position_i_reads_only_position_i_of_its_inputs(fn):
 @pytest.mark.parametrize("fn", [eager_gated_fusion, ops.gated_fusion], ids=["eager", "native"])
 def test_a_zero_weight_probe_pair_leaves_the_output_bit_exact_and_gets_a_mask_gradient(fn):
     """depth_gradient=probe: an extra last pair per user with mask value 0 (and a straight-through
-    gradient) must not change h in any bit, and must receive d m != 0."""
+    gradient) must not change h in any bit, and must receive d m != 0 at every position."""
     base = make_inputs([2, 3], 4, 5, dtype=torch.float32, st_masks=False)
     g = torch.Generator().manual_seed(7)
     offsets = base["offsets"]
@@ -153,7 +153,7 @@ def test_a_zero_weight_probe_pair_leaves_the_output_bit_exact_and_gets_a_mask_gr
     for name in ("fin", "coar", "g"):
         probe[name] = torch.stack([base[name][r] if r >= 0 else extra[name][i] for i, r in enumerate(rows)])
     probe_rows = [i for i, r in enumerate(rows) if r < 0]
-    probe["m"] = torch.tensor([0.0 if r < 0 else 1.0 for r in rows])
+    probe["m"] = torch.tensor([0.0 if r < 0 else 1.0 for r in rows])[:, None].expand(-1, 4).contiguous()
     h, z = fn(*(base[k] for k in ORDER))
     h_p, z_p = fn(*(probe[k] for k in ORDER))
     assert torch.equal(h, h_p) and torch.equal(z, z_p)
@@ -176,6 +176,7 @@ def raw_forward(inputs):
         (lambda x: dict(x, g=x["g"][:-1]), "g must be \\[P, L\\]"),
         (lambda x: dict(x, g=x["g"][:, 0].contiguous()), "g must be \\[P, L\\]"),
         (lambda x: dict(x, m=x["m"].float()), "m must have fin's dtype"),
+        (lambda x: dict(x, m=x["m"][:, 0].contiguous()), "m must be \\[P, L\\]"),
         (lambda x: dict(x, offsets=x["offsets"].int()), "offsets must be int64"),
         (lambda x: dict(x, offsets=x["offsets"][:-1]), "offsets must start at 0 and end at P"),
         (lambda x: dict(x, w_gate=x["w_gate"][:-1]), "w_gate must be \\[D, D\\]"),
@@ -235,7 +236,7 @@ def test_jit_build_registers_the_operator_when_the_extension_is_missing(tmp_path
         ops.load_native(jit=True)
         x = torch.randn(3, 2, 4, dtype=torch.float64)
         h, z = ops.gated_fusion(x, torch.randn(3, 2, 4, dtype=torch.float64), torch.rand(3, 2, dtype=torch.float64),
-                                torch.ones(3, dtype=torch.float64), torch.tensor([0, 1, 3]),
+                                torch.ones(3, 2, dtype=torch.float64), torch.tensor([0, 1, 3]),
                                 torch.eye(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
         print("jit ok", tuple(h.shape), tuple(z.shape))
     """)

@@ -1,18 +1,19 @@
 """ADARec as the paper describes it (docs/method.md section 2), reference (eager) path.
 
-E^0 from the ELCRec backbone -> Adaptive Depth Controller (a depth T_u per user) -> packed
-(user, level) pairs for levels 0..T_u (plus level T_u + 1 as a zero-weight probe in training,
-`model.depth_gradient`) -> Hierarchical Diffusion Augmentation (one-shot reconstruction at every
-computed level) -> HP-MoE: the backbone Transformer as fine expert on the packed batch, an MLP
-coarse expert and a content-aware router on the *prefix* pools of each level, the depth-masked
-gated fusion per position -> h [B, L, D], scored against the item embeddings.
+E^0 from the ELCRec backbone -> Adaptive Depth Controller (a depth per user and prefix; the last
+position's is the sequence's T_u) -> packed (user, level) pairs for the levels any position needs
+(plus one zero-weight probe level in training, `model.depth_gradient`) -> Hierarchical Diffusion
+Augmentation (one-shot reconstruction at every computed level) -> HP-MoE: the backbone
+Transformer as fine expert on the packed batch, an MLP coarse expert and a content-aware router
+on the *prefix* pools of each level, the gated fusion per position with per-position depth
+masks -> h [B, L, D], scored against the item embeddings.
 Loss: L_rec + lambda_deno L_deno + lambda_cont L_cont + lambda_expl L_expl + the ELCRec terms
 (computed on h).
 
 Causality (docs/method.md, "Causality"): L_rec trains every position, so everything that feeds
 position i reads only positions <= i. The fine expert is the causal Transformer; the pools that
-feed the coarse expert, the router and the final gate are prefix means; the fusion is per
-position. The depth T_u is the one whole-input decision.
+feed the coarse expert, the router and the final gate are prefix means; the depth at i is the
+controller's choice for the prefix ending at i; the fusion is per position.
 
 The trajectory (`adarec.diffusion.diffusion_trajectory` or its Triton twin) and the fusion
 (`adarec.fusion.gated_fusion` or its C++/CUDA twin `adarec.ops.gated_fusion`) are chosen by
@@ -39,18 +40,18 @@ FIXED_NOISE_SEED = 20240601
 
 
 def coarse_contrastive_loss(z: torch.Tensor, packed: PackedLevels, depths: torch.Tensor,
-                            max_depth: int, temperature: float) -> torch.Tensor:
+                            max_depth: int, temperature: float, active: torch.Tensor | None = None) -> torch.Tensor:
     """L_cont: InfoNCE with cosine similarity over the coarse outputs z [P, D] (last position).
 
     For user u and each k in [floor(T_u / 2), T_u - 1]: anchor z_{u,k}, positive z_{u,k+1},
     negatives z_{v,k+1} of the other users whose depth reaches k + 1. Averaged over anchors.
-    Only active pairs (level <= T_u) take part; a probe level is never a candidate.
+    Only pairs active at the last position (`active`, level <= T_u) take part.
     All levels are handled at once on a dense [T_max + 1, B, D] grid of the packed rows.
     """
     batch = depths.numel()
     if max_depth == 0:
         return z.sum() * 0.0
-    active_pairs = packed.pair_active
+    active_pairs = packed.pair_active if active is None else active
     unit = F.normalize(z.float(), dim=-1) * active_pairs[:, None]
     grid = unit.new_zeros(max_depth + 1, batch, unit.shape[-1])
     grid = grid.index_put((packed.pair_level, packed.pair_user), unit)
@@ -97,12 +98,13 @@ class ADARec(ELCRec):
         self._stats: dict[str, torch.Tensor] | None = None
 
     # -- the forward path shared by training and scoring ---------------------------------------
-    def user_representation(self, input_ids: torch.Tensor) -> dict:
+    def user_representation(self, input_ids: torch.Tensor, last_only: bool = False) -> dict:
+        """h [B, L, D] and the intermediate outputs. `last_only` (evaluation) builds only the levels
+        the last position uses, so h is exact there and only there."""
         e0 = self.encoder.embed(input_ids)
         with nvtx.phase("controller"):
             decision = self.controller(e0, input_ids)
-            # Probe / extra levels exist only to give the controller a gradient: none at evaluation.
-            packed = pack_levels(decision.depths, self.max_depth, self.depth_gradient if self.training else "none")
+            packed = self._pack(decision, last_only)
         with nvtx.phase("trajectory"):
             e_hat, l_deno = self._trajectory(e0, input_ids, packed)
         with nvtx.phase("experts"):
@@ -111,12 +113,23 @@ class ADARec(ELCRec):
             pooled = prefix_mean(e_hat, pair_ids)                       # [P, L, D], positions <= i
             coarse = self.coarse(pooled)
             g = self._route(pooled, packed.pair_level)                  # [P, L]
-            m = decision.pair_masks(packed.pair_user, packed.pair_level, packed.pair_active).to(g.dtype)
+            mode = self.depth_gradient if self.training else "none"
+            m = decision.pair_masks(packed.pair_user, packed.pair_level, mode).to(g.dtype)     # [P, L]
         with nvtx.phase("fusion"):
             fusion = fusion_function(self.kernel_backend, fine.device)
             h, z_coar = fusion(fine, coarse, g, m, packed.offsets, self.final_gate.weight, self.final_gate.bias)
         return {"h": h, "z_coar": z_coar, "coarse": coarse, "g": g, "packed": packed,
                 "decision": decision, "l_deno": l_deno}
+
+    def _pack(self, decision, last_only: bool) -> PackedLevels:
+        """The levels to compute: every level some position's depth reaches, plus in training the
+        depth-gradient mode's extra levels; for scoring, which reads the last position only, that
+        position's levels 0..T_u (docs/method.md 2.1)."""
+        if self.training:
+            return pack_levels(decision.top_depths(), self.max_depth, self.depth_gradient)
+        if last_only:
+            return pack_levels(decision.sequence_depths, self.max_depth, "none")
+        return pack_levels(decision.top_depths(), self.max_depth, "none")
 
     def _trajectory(self, e0: torch.Tensor, input_ids: torch.Tensor,
                     packed: PackedLevels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,49 +169,54 @@ class ADARec(ELCRec):
             return self._objective(out, batch)
 
     def _objective(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        decision = out["decision"]
+        decision, packed = out["decision"], out["packed"]
+        depths = decision.sequence_depths
+        # L_cont and the statistics read the last position: the whole input and its depth T_u.
+        active_last = packed.pair_level <= depths[packed.pair_user]
         terms = {
             "rec": self.rec_loss(out["h"], batch),
             "deno": out["l_deno"],
-            # The coarse vectors at the last position summarise the whole input.
-            "cont": coarse_contrastive_loss(out["coarse"][:, -1], out["packed"], decision.depths, self.max_depth,
-                                            self.cont_temperature),
+            "cont": coarse_contrastive_loss(out["coarse"][:, -1], packed, depths, self.max_depth,
+                                            self.cont_temperature, active_last),
             "expl": decision.exploration,
         }
         terms.update(self.elcrec_terms(out["h"], batch))
         loss = (terms["rec"] + self.lambda_deno * terms["deno"] + self.lambda_cont * terms["cont"]
                 + self.lambda_expl * terms["expl"] + self.weighted_elcrec(terms))
-        self._record(decision.depths, out["packed"], out["g"])
+        self._record(depths, packed, active_last, out["g"])
         return loss, {k: v.detach() for k, v in terms.items()}
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.user_representation(input_ids)["h"][:, -1]
+        h = self.user_representation(input_ids, last_only=True)["h"][:, -1]
         return self.encoder.item_scores(h)
 
     # -- observability: accumulated on device, read once per epoch ----------------------------
     @torch.no_grad()
-    def _record(self, depths: torch.Tensor, packed: PackedLevels, g: torch.Tensor) -> None:
+    def _record(self, depths: torch.Tensor, packed: PackedLevels, active_last: torch.Tensor,
+                g: torch.Tensor) -> None:
         levels = self.max_depth + 1
         if self._stats is None:
             # Plain float64 tensors, not buffers: a bf16 engine must not cast the counters.
             zeros = torch.zeros(levels, dtype=torch.float64, device=depths.device)
             self._stats = {"depth": zeros.clone(), "router_sum": zeros.clone(), "router_n": zeros.clone(),
-                           "pairs": zeros.new_zeros(()), "users": zeros.new_zeros(())}
+                           "needed": zeros.new_zeros(()), "pairs": zeros.new_zeros(()), "users": zeros.new_zeros(())}
         s = self._stats
-        active = packed.pair_active.double()
+        last = active_last.double()
         # index_add_ rather than bincount: bincount sizes its output from the data (a host sync).
         s["depth"].index_add_(0, depths, torch.ones_like(depths, dtype=torch.float64))
-        # The router at the last position (the one scoring uses), active levels only.
-        s["router_sum"].index_add_(0, packed.pair_level, g[:, -1].double() * active)
-        s["router_n"].index_add_(0, packed.pair_level, active)
+        # The router at the last position (the one scoring uses), on the levels active there.
+        s["router_sum"].index_add_(0, packed.pair_level, g[:, -1].double() * last)
+        s["router_n"].index_add_(0, packed.pair_level, last)
+        s["needed"] += packed.pair_active.double().sum()
         s["pairs"] += packed.num_pairs
         s["users"] += depths.numel()
 
     def pop_epoch_stats(self) -> dict[str, float | None]:
-        """Depth histogram, mean router weight per active level (last position), and the
-        fractions of the B (T_max + 1) (user, level) pairs that were active and computed
-        (computed includes the depth-gradient probe levels), since the last call."""
+        """Since the last call: the histogram of the sequence depths T_u (last position), the
+        mean router weight per level active at the last position, and three fractions of the
+        B (T_max + 1) (user, level) pairs: active at the last position (what evaluation builds),
+        needed by some position, and computed (plus the depth-gradient mode's extra levels)."""
         if self._stats is None:
             return {}
         s = {k: v.cpu() for k, v in self._stats.items()}
@@ -210,5 +228,6 @@ class ADARec(ELCRec):
             out[f"router_g_{k}"] = float(s["router_sum"][k]) / n if n else None
         grid = users * (self.max_depth + 1)
         out["pairs_active_frac"] = float(s["router_n"].sum()) / grid
+        out["pairs_needed_frac"] = float(s["needed"]) / grid
         out["pairs_computed_frac"] = float(s["pairs"]) / grid
         return out

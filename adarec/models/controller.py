@@ -1,12 +1,14 @@
-"""Adaptive Depth Controller (docs/method.md 2.1): a diffusion depth per user.
+"""Adaptive Depth Controller (docs/method.md 2.1): a diffusion depth per user and prefix.
 
-GRU over [E^0 ; v_len] -> mean over valid positions -> logits over depths 0..T_max. Training
-draws a hard depth from Gumbel-softmax (tau 0.5) with straight-through gradients; evaluation
-takes the argmax of the logits without noise.
+GRU over [E^0 ; v_len] -> mean of its states over the item positions <= i -> logits over
+depths 0..T_max at every position i. Training draws a hard depth per position from
+Gumbel-softmax (tau 0.5) with straight-through gradients; evaluation takes the argmax of the
+logits without noise.
 
-The depth reads the whole input: it is one of T_max + 1 values per user, the one documented
-whole-input decision of the model (docs/method.md, "Causality"); nothing else that feeds
-position i reads positions after i.
+Training position i stands for the sequence that ends at i, so it gets the depth the controller
+chooses for that prefix, and reads nothing after i (docs/method.md, "Causality"). At the last
+position the prefix is the whole input: depths[:, -1] is the per-sequence decision T_u that
+evaluation uses.
 """
 
 from __future__ import annotations
@@ -22,25 +24,43 @@ from .encoder import masked_mean, prefix_mean
 
 @dataclass
 class DepthDecision:
-    depths: torch.Tensor        # int64 [B], T_u
-    probs: torch.Tensor         # [B, T_max + 1], p (Gumbel-softmax in training, softmax at eval)
-    survival: torch.Tensor      # [B, T_max + 1], s_k = sum_{j >= k} p_j = P(depth >= k)
-    exploration: torch.Tensor   # scalar, L_expl = -entropy(p) averaged over users
+    depths: torch.Tensor        # int64 [B, L], the depth of the prefix ending at each item position (0 on padding)
+    probs: torch.Tensor         # [B, L, T_max + 1], p (Gumbel-softmax in training, softmax at eval)
+    survival: torch.Tensor      # [B, L, T_max + 1], s_k = sum_{j >= k} p_j = P(depth >= k)
+    exploration: torch.Tensor   # scalar, L_expl = -entropy(p) averaged over item positions
+    items: torch.Tensor | None = None   # bool [B, L], the item positions (None: every position)
 
-    def pair_masks(self, pair_user: torch.Tensor, pair_level: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """m [P] of packed pairs: value 1 for an active level (k <= T_u), 0 for a probe level,
-        and in both cases the gradient of s_k (straight-through: m = value + s_k - stopgrad(s_k))."""
-        s = self.survival[pair_user, pair_level]
-        return active.to(s.dtype) + (s - s.detach())
+    @property
+    def sequence_depths(self) -> torch.Tensor:
+        """T_u [B]: the depth of the whole input (the last position's prefix)."""
+        return self.depths[:, -1]
+
+    def top_depths(self) -> torch.Tensor:
+        """[B]: the deepest level any position of the user needs."""
+        return self.depths.amax(1)
+
+    def pair_masks(self, pair_user: torch.Tensor, pair_level: torch.Tensor, mode: str) -> torch.Tensor:
+        """m [P, L] of packed pairs per position i: value 1 where the level is <= depths[u, i], else
+        0, plus the straight-through gradient of s_k[u, i] where `mode` gives one (docs/method.md
+        2.1): none on the active levels, probe also on level depths[u, i] + 1, all everywhere;
+        never on padding positions, which have depth 0 and no prefix to decide on."""
+        level = pair_level[:, None]
+        depth = self.depths[pair_user]                                   # [P, L]
+        s = self.survival[pair_user, :, pair_level]                      # [P, L]: s_k[u, i] of each pair
+        value = (level <= depth).to(s.dtype)
+        reach = {"none": 0, "probe": 1}.get(mode)
+        grad = torch.ones_like(value) if reach is None else (level <= depth + reach).to(s.dtype)
+        if self.items is not None:
+            grad = grad * self.items[pair_user]
+        return value + grad * (s - s.detach())
 
 
 class LengthAwareGRU(nn.Module):
-    """logits = W pool(GRU([E^0 ; v_len])) + b, v_len an embedding of the history length.
+    """logits[i] = W prefix_mean(GRU([E^0 ; v_len]))[i] + b, v_len[i] an embedding of the number
+    of items seen up to i: [B, L, outputs], position i reads positions <= i only.
 
-    The summary both controllers read a sequence with: `forward` pools over the whole input
-    (ADARec's depth controller, one decision per user); `per_position` pools the prefix up to
-    each position and embeds the number of items seen so far, so its output at i reads only
-    positions <= i (the dual model's weights over its noised copies, which train every position).
+    The summary both controllers read a sequence with (ADARec's depth controller here, the dual
+    model's weights over its noised copies in dual.py).
     """
 
     def __init__(self, hidden: int, max_len: int, outputs: int):
@@ -50,21 +70,10 @@ class LengthAwareGRU(nn.Module):
         self.gru = nn.GRU(2 * hidden, hidden, batch_first=True)
         self.head = nn.Linear(hidden, outputs)
 
-    def _states(self, e0: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """GRU states over [E^0 ; emb(lengths)], lengths [B, L] (per position)."""
-        v_len = self.length_embedding(lengths.clamp(max=self.max_len))
-        states, _ = self.gru(torch.cat([e0, v_len], dim=-1))
-        return states
-
     def forward(self, e0: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, outputs] from the whole input."""
-        lengths = (input_ids > 0).sum(1, keepdim=True).expand_as(input_ids)
-        return self.head(masked_mean(self._states(e0, lengths), input_ids)).float()
-
-    def per_position(self, e0: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, L, outputs]; position i reads positions <= i only."""
-        seen = (input_ids > 0).long().cumsum(1)
-        return self.head(prefix_mean(self._states(e0, seen), input_ids)).float()
+        seen = (input_ids > 0).long().cumsum(1).clamp(max=self.max_len)
+        states, _ = self.gru(torch.cat([e0, self.length_embedding(seen)], dim=-1))
+        return self.head(prefix_mean(states, input_ids)).float()
 
 
 class DepthController(LengthAwareGRU):
@@ -74,6 +83,7 @@ class DepthController(LengthAwareGRU):
         self.tau = tau
 
     def logits(self, e0: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L, T_max + 1]."""
         return super().forward(e0, input_ids)
 
     def forward(self, e0: torch.Tensor, input_ids: torch.Tensor,
@@ -85,7 +95,8 @@ class DepthController(LengthAwareGRU):
             probs = F.softmax((logits + gumbel) / self.tau, dim=-1)
         else:
             probs = F.softmax(logits, dim=-1)
-        depths = probs.argmax(-1) if self.training else logits.argmax(-1)
+        items = input_ids > 0
+        depths = torch.where(items, probs.argmax(-1) if self.training else logits.argmax(-1), 0)
         survival = probs.flip(-1).cumsum(-1).flip(-1)
-        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
-        return DepthDecision(depths, probs, survival, -entropy.mean())
+        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1, keepdim=True)     # [B, L, 1]
+        return DepthDecision(depths, probs, survival, -masked_mean(entropy, input_ids).mean(), items)

@@ -13,7 +13,7 @@ Per expert: BCE(raw) + 0.5 BCE(noised) + 1e-4 masked-MSE(noised out, raw out det
 One deliberate difference from the released code (docs/method.md 3, "Causality"): the released
 controller pools the whole input into one weight pair per user and mixes every position with it,
 so the noised path's prediction at i reads the items after i. Here the weights are per position,
-from the GRU states pooled over positions <= i (`LengthAwareGRU.per_position`).
+from the GRU states pooled over positions <= i (`LengthAwareGRU`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class NoisedELCRec(ELCRec):
         """The raw and noised encodings [B, L, D] and the per-position copy weights [B, L, copies]."""
         e0 = self.encoder.embed(ids)
         raw = self.encoder.encode(e0, ids)
-        weights = F.softmax(self.copy_controller.per_position(e0, ids), dim=-1)   # [B, L, copies]
+        weights = F.softmax(self.copy_controller(e0, ids), dim=-1)   # [B, L, copies]
         noise = torch.randn((len(self.sqrt_abar), *e0.shape), device=e0.device, dtype=e0.dtype)
         copies = self.sqrt_abar.to(e0.dtype)[:, None, None, None] * e0 + \
             self.sqrt_one_minus_abar.to(e0.dtype)[:, None, None, None] * noise   # [copies, B, L, D]
