@@ -1,11 +1,12 @@
 """Hierarchical Diffusion Augmentation, reference (eager) implementation (docs/method.md 2.2).
 
-Every user u has a depth T_u; its levels k = 0..T_u are *active*. They are computed as rows of a
-packed layout of (user, level) pairs sorted by user: pair_user[P], pair_level[P], offsets[B+1].
-Depending on `model.depth_gradient` a user may also have inactive levels above T_u, computed only
-so that the depth controller gets a gradient towards deeper levels (docs/method.md 2.1): level
-T_u + 1 ("probe"), or every level up to T_max ("all"). A user's computed levels are always
-0..C_u - 1, contiguous.
+Every user u is packed for a depth T_u (in training the deepest level any of its positions
+needs, for scoring the last position's depth); its levels k = 0..T_u are *active*. They are
+computed as rows of a packed layout of (user, level) pairs sorted by user: pair_user[P],
+pair_level[P], offsets[B+1]. Depending on `model.depth_gradient` a user may also have inactive
+levels above T_u, computed only so that the depth controller gets a gradient towards deeper
+levels (docs/method.md 2.1): level T_u + 1 ("probe"), or every level up to T_max ("all"). A
+user's computed levels are always 0..C_u - 1, contiguous.
 For each pair at level k >= 1, E^k = sqrt(abar_k) E^0 + sqrt(1 - abar_k) eps (a Gaussian per
 user, level, position and channel, so the same (user, level) gets the same noise whatever else
 is computed), a per-position MLP predicts eps, and the one-shot reconstruction
