@@ -149,6 +149,10 @@ class TrainConfig:
     """torch CPU threads (torch.set_num_threads); null leaves torch's default."""
     log_every: int = 20
     """Training steps between progress-bar loss updates."""
+    cuda_graphs: bool = False
+    """Capture each member's whole training step (forward, backward, Adam) as CUDA graphs, one per
+    batch shape, and replay them (engine/graphed_step.py). One GPU, ZeRO stage 0; bf16 comes from
+    autocast over fp32 weights. Off until a GPU run of the device check has passed it (README)."""
     ds_config: str | None = None
     """Optional DeepSpeed JSON (e.g. configs/deepspeed/zero2_offload.json) merged over the config the
     engine builds, for settings the run config does not cover (ZeRO offload, comms, ...)."""

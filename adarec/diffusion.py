@@ -1,12 +1,13 @@
 """Hierarchical Diffusion Augmentation, reference (eager) implementation (docs/method.md 2.2).
 
-Every user u is packed for a depth T_u (in training the deepest level any of its positions
-needs, for scoring the last position's depth); its levels k = 0..T_u are *active*. They are
-computed as rows of a packed layout of (user, level) pairs sorted by user: pair_user[P],
-pair_level[P], offsets[B+1]. Depending on `model.depth_gradient` a user may also have inactive
-levels above T_u, computed only so that the depth controller gets a gradient towards deeper
-levels (docs/method.md 2.1): level T_u + 1 ("probe"), or every level up to T_max ("all"). A
-user's computed levels are always 0..C_u - 1, contiguous.
+Every user u has a depth T_u (in training the deepest level any of its positions needs, for
+scoring the last position's depth); its levels k = 0..T_u are *active*. Levels are computed as
+rows of a packed layout of (user, level) pairs sorted by user: pair_user[P], pair_level[P],
+offsets[B+1], a user's computed levels always 0..C_u - 1, contiguous. The models compute the
+whole grid (`grid_levels`: C_u = T_max + 1 for every user, so shapes never depend on the data);
+the levels above T_u carry no weight, or only the depth controller's gradient
+(`model.depth_gradient`, docs/method.md 2.1). `pack_levels` builds the compact variable-depth
+layout (C_u = T_u + 1, + 1 for the probe) that the fused kernel also accepts.
 For each pair at level k >= 1, E^k = sqrt(abar_k) E^0 + sqrt(1 - abar_k) eps (a Gaussian per
 user, level, position and channel, so the same (user, level) gets the same noise whatever else
 is computed), a per-position MLP predicts eps, and the one-shot reconstruction
@@ -60,7 +61,9 @@ class PackedLevels:
 
 
 def pack_levels(depths: torch.Tensor, max_depth: int | None = None, depth_gradient: str = "none") -> PackedLevels:
-    """Packed layout for depths T [B].
+    """Packed layout for depths T [B], only the levels each user needs (its size P is read on the
+    host: the variable-depth layout of the kernels' tests and benchmarks; the models use the
+    static `grid_levels`).
 
     none   user u gets levels 0..T_u, all active (levels above are never built);
     probe  also level T_u + 1 when T_u < max_depth, inactive;
@@ -80,6 +83,24 @@ def pack_levels(depths: torch.Tensor, max_depth: int | None = None, depth_gradie
     offsets = F.pad(counts.cumsum(0), (1, 0))
     pair_user = torch.repeat_interleave(torch.arange(depths.numel(), device=depths.device), counts)
     pair_level = torch.arange(pair_user.numel(), device=depths.device) - offsets[pair_user]
+    return PackedLevels(pair_user, pair_level, offsets, pair_level <= depths[pair_user])
+
+
+def grid_levels(depths: torch.Tensor, max_depth: int) -> PackedLevels:
+    """Every level 0..max_depth of every user: P = B (T_max + 1) pairs, user-major.
+
+    The layout the models train and score with (docs/method.md 2.2, "static shapes"): it depends
+    on B and T_max only, so building it reads nothing on the host and every step has the same
+    shapes (a CUDA graph can replay it). Levels above a user's depth are computed but carry no
+    weight: the depth masks of the fusion are 0 there and `pair_active` (level <= depth, the
+    levels that enter L_deno) is False.
+    """
+    depths = depths.long()
+    levels = max_depth + 1
+    pair = torch.arange(depths.numel() * levels, device=depths.device)
+    pair_user = torch.div(pair, levels, rounding_mode="floor")
+    pair_level = pair - pair_user * levels
+    offsets = torch.arange(depths.numel() + 1, device=depths.device) * levels
     return PackedLevels(pair_user, pair_level, offsets, pair_level <= depths[pair_user])
 
 

@@ -92,7 +92,10 @@ ForwardResult gated_fusion_forward_cpu(const at::Tensor& fin, const at::Tensor& 
                                        const at::Tensor& b_gate) {
   check_fusion_inputs(fin, coar, g, m, offsets, w_gate);
   check_gate_bias(b_gate, fin);
-  TORCH_CHECK(offsets[0].item<int64_t>() == 0 && offsets[-1].item<int64_t>() == fin.size(0),
+  // Read through the pointer (a CPU tensor): indexing + item() would go through ATen's dispatcher
+  // and show as a host read in the sync-free profile of a step.
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[offsets.size(0) - 1] == fin.size(0),
               "gated_fusion: offsets must start at 0 and end at P = ", fin.size(0));
   const int64_t B = offsets.size(0) - 1, L = fin.size(1), D = fin.size(2);
   const auto acc = accumulate_type(fin.scalar_type());

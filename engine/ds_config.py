@@ -41,11 +41,13 @@ def _read_json(path: str) -> dict:
     return data
 
 
-def build_ds_config(train_cfg, world_size: int, device: torch.device) -> dict:
+def build_ds_config(train_cfg, world_size: int, device: torch.device, autocast: bool = False) -> dict:
+    """autocast: bf16 is done by torch.autocast over fp32 weights (the captured step of
+    train.cuda_graphs), so DeepSpeed itself runs in fp32."""
     if train_cfg.batch_size % world_size:
         raise ConfigError(f"train.batch_size={train_cfg.batch_size} is not divisible by the "
                           f"{world_size} ranks of this launch")
-    precision = resolve_precision(train_cfg.precision, device)
+    precision = "fp32" if autocast else resolve_precision(train_cfg.precision, device)
     config = {
         "train_batch_size": train_cfg.batch_size,
         "train_micro_batch_size_per_gpu": train_cfg.batch_size // world_size,
@@ -57,7 +59,14 @@ def build_ds_config(train_cfg, world_size: int, device: torch.device) -> dict:
         "fp16": {"enabled": False},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # The throughput timer synchronises the device at the start and end of every step.
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
+    if precision == "bf16":
+        # fp32 gradient accumulation selects DeepSpeed's BF16_Optimizer (fp32 master weights, one
+        # global-norm overflow check per step) instead of the unfused bf16 path, which checks
+        # every parameter's gradient for overflow on the host.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if train_cfg.ds_config:
         config = _deep_merge(config, _read_json(train_cfg.ds_config))
     return config

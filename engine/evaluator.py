@@ -12,6 +12,15 @@ from adarec.metrics import mask_scores, metric_sums, target_ranks
 
 
 @torch.no_grad()
+def batch_metric_sums(model, inputs: torch.Tensor, history: torch.Tensor, targets: torch.Tensor, ks,
+                      protocol: str = "full") -> dict[str, torch.Tensor]:
+    """One evaluation batch, on the device and without a host sync: per-metric sums over its users."""
+    scores = model.score(inputs)
+    masked = mask_scores(scores, history, never_rank=model.never_rank, protocol=protocol)
+    return metric_sums(target_ranks(masked, targets, max(ks)), ks)
+
+
+@torch.no_grad()
 def evaluate_split(model, split, which: str, ks, protocol: str = "full", batch_size: int = 1024,
                    rank: int = 0, world_size: int = 1) -> dict[str, float]:
     if which not in ("valid", "test"):
@@ -26,9 +35,8 @@ def evaluate_split(model, split, which: str, ks, protocol: str = "full", batch_s
     sums = metric_sums(torch.empty(0, device=device), ks)
     for start in range(0, users.numel(), batch_size):
         idx = users[start:start + batch_size]
-        scores = model.score(inputs[idx].to(device))
-        masked = mask_scores(scores, history[idx].to(device), never_rank=model.never_rank, protocol=protocol)
-        batch_sums = metric_sums(target_ranks(masked, targets[idx].to(device), max(ks)), ks)
+        batch_sums = batch_metric_sums(model, inputs[idx].to(device), history[idx].to(device),
+                                       targets[idx].to(device), ks, protocol)
         sums = {k: sums[k] + v for k, v in batch_sums.items()}
     model.train(was_training)
     names = list(sums)

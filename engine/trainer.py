@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from adarec.profiling import nvtx
+from adarec.profiling.opcount import OPTIMIZER_RANGE
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from adarec.config import RunConfig, save_config
@@ -34,8 +36,9 @@ from .checkpoint import atomic_torch_save, atomic_write_json, latest_tag, prune_
 from .curves import plot_curves
 from .data_setup import load_split
 from .distributed import DistInfo, pick_device, setup_distributed
-from .ds_config import build_ds_config
-from .evaluator import evaluate_split
+from .ds_config import build_ds_config, resolve_precision
+from .evaluator import batch_metric_sums, evaluate_split
+from .graphed_step import GraphedStep, check_graph_config
 from .run_log import RunLog, setup_logging
 
 log = logging.getLogger("adarec.train")
@@ -78,8 +81,12 @@ class Trainer:
         members = {name: net.to(self.device)
                    for name, net in build_members(cfg.model, split.num_items, split.max_len,
                                                    cfg.kernels.backend).items()}
-        self.ds_config = build_ds_config(cfg.train, dist.world_size, self.device)
-        self.engines = {}
+        graphs = cfg.train.cuda_graphs
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        if graphs:
+            check_graph_config(cfg.train, self.device, dist.world_size)
+        self.ds_config = build_ds_config(cfg.train, dist.world_size, self.device, autocast=graphs)
+        self.engines, self.graphed = {}, {}
         for name, net in members.items():
             if not resume:
                 # Before deepspeed.initialize: under bf16 the optimizer's fp32 master weights are
@@ -88,8 +95,19 @@ class Trainer:
             optimizer = torch.optim.Adam(
                 net.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                 weight_decay=cfg.train.weight_decay, fused=self.device.type == "cuda",
+                # A captured step must keep Adam's step count on the device.
+                capturable=graphs,
             )
-            self.engines[name], *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=self.ds_config)
+            engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=self.ds_config)
+            if dist.world_size == 1:
+                # Nothing to reduce with one rank; DeepSpeed's bucketed all-reduce would still copy
+                # every gradient into a flat buffer and back (two launches per parameter).
+                engine.enable_backward_allreduce = False
+            self.engines[name] = engine
+            if graphs:
+                # DeepSpeed keeps the module, the optimizer and the checkpoints; the graphs run them.
+                self.graphed[name] = GraphedStep(engine.module, engine.optimizer, grad_clip=cfg.train.grad_clip,
+                                                 autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None)
         self.needs_views = any(net.needs_views for net in members.values())
         from adarec.data import TrainBatchSampler
 
@@ -154,7 +172,7 @@ class Trainer:
 
     # -- one epoch ---------------------------------------------------------------------------
     def train_epoch(self, epoch_index: int) -> dict:
-        active = {n: e for n, e in self.engines.items() if not self.state.members[n].stopped}
+        active = self.active_engines()
         for engine in active.values():
             engine.train()
         steps, log_every = len(self.sampler), self.cfg.train.log_every
@@ -166,16 +184,8 @@ class Trainer:
         for step in range(steps):
             with nvtx.phase("data"):
                 batch = next(batches)
-            for name, engine in active.items():
-                with nvtx.phase("forward"):
-                    loss, terms = engine(batch)
-                with nvtx.phase("backward"):
-                    engine.backward(loss)
-                with nvtx.phase("optimizer_step"):
-                    engine.step()
-                for key, value in {"loss": loss.detach(), **terms}.items():
-                    k = self._prefixed(name, key)
-                    sums[k] = sums.get(k, 0.0) + value.float()
+            for key, value in self.train_step(batch).items():
+                sums[key] = sums.get(key, 0.0) + value.float()
             samples += batch["input_ids"].shape[0] * self.dist.world_size
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 # The only host sync of the step loop, every log_every steps.
@@ -200,6 +210,39 @@ class Trainer:
             if pop_stats is not None:
                 record.update({self._prefixed(name, k): v for k, v in pop_stats().items()})
         return record
+
+    def active_engines(self) -> dict:
+        """The members still training (early stopping has not stopped them)."""
+        return {n: e for n, e in self.engines.items() if not self.state.members[n].stopped}
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One optimisation step of every active member on one batch: the loss and its terms,
+        detached, on the device. The step of `adarec train` and of the benchmarks; nothing in it
+        waits for the device (tests/test_sync_free.py)."""
+        out = {}
+        for name, engine in self.active_engines().items():
+            if name in self.graphed:
+                with nvtx.phase("graph_replay"):
+                    terms = self.graphed[name](batch)
+                out.update({self._prefixed(name, key): value for key, value in terms.items()})
+                continue
+            with nvtx.phase("forward"):
+                loss, terms = engine(batch)
+            with nvtx.phase("backward"):
+                engine.backward(loss)
+            # The launch counter (profiling/opcount.py) counts this range as one fused launch.
+            with nvtx.phase("optimizer_step"), record_function(OPTIMIZER_RANGE):
+                engine.step()
+            out.update({self._prefixed(name, key): value for key, value in {"loss": loss.detach(), **terms}.items()})
+        return out
+
+    def eval_batch(self, model, inputs: torch.Tensor, which: str = "valid", start: int = 0) -> dict[str, torch.Tensor]:
+        """Metric sums of one evaluation batch of `which` (rows start.. of the split), on the device."""
+        ev, s = self.cfg.eval, self.split
+        rows = slice(start, start + inputs.shape[0])
+        history = getattr(s, f"{which}_history")[rows].to(self.device)
+        targets = getattr(s, f"{which}_target")[rows].to(self.device)
+        return batch_metric_sums(model, inputs, history, targets, ev.ks, ev.protocol)
 
     def _diverged_message(self, epoch: int, step: int) -> str:
         first = self.run_dir / CHECKPOINTS / next(iter(self.engines))
@@ -243,7 +286,7 @@ class Trainer:
             self.restore()
         log.info("training %s on %s: %d users, %d items, %d steps/epoch, device %s, precision %s",
                  self.cfg.model.name, self.cfg.data.path, self.split.num_users(), self.split.num_items,
-                 len(self.sampler), self.device, "bf16" if self.ds_config["bf16"]["enabled"] else "fp32")
+                 len(self.sampler), self.device, self.precision + (" (autocast, CUDA graphs)" if self.graphed else ""))
         while self.state.epochs_done < cfg.epochs and not all(m.stopped for m in self.state.members.values()):
             epoch = self.state.epochs_done + 1
             record = self.train_epoch(epoch - 1)

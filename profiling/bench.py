@@ -48,19 +48,12 @@ def _steps(trainer: Trainer):
         epoch += 1
 
 
-def _train_step(trainer: Trainer, batch: dict) -> None:
-    for engine in trainer.engines.values():
-        loss, _ = engine(batch)
-        engine.backward(loss)
-        engine.step()
-
-
 def _run_block(trainer: Trainer, batches, count: int) -> float:
     """Seconds for `count` steps, batch construction included, synchronised at both ends."""
     synchronize(trainer.device)
     start = time.perf_counter()
     for _ in range(count):
-        _train_step(trainer, next(batches))
+        trainer.train_step(next(batches))
     synchronize(trainer.device)
     return time.perf_counter() - start
 
@@ -86,7 +79,7 @@ def _trace(trainer: Trainer, batches, steps: int, path: Path) -> None:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
-            _train_step(trainer, next(batches))
+            trainer.train_step(next(batches))
         synchronize(trainer.device)
     prof.export_chrome_trace(str(path))
 
@@ -107,7 +100,7 @@ def bench_backend(cfg, backend: str, split, dist, args, out: Path) -> dict:
         median_ms = statistics.median(step_ms)
         row = {
             "config": args.config_name, "model": cfg.model.name, "backend": backend,
-            "precision": "bf16" if trainer.ds_config["bf16"]["enabled"] else "fp32",
+            "precision": trainer.precision,
             "batch_size": cfg.train.batch_size, "steps_per_epoch": len(trainer.sampler),
             "step_ms_median": median_ms, "step_ms_min": step_ms[0], "step_ms_max": step_ms[-1],
             "samples_per_s": cfg.train.batch_size / (median_ms / 1e3),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from batches import synthetic_batch
 
 from adarec.config import ModelConfig
-from adarec.diffusion import pack_levels
+from adarec.diffusion import grid_levels, pack_levels
 from adarec.models import ADARec, build_model
 from adarec.models.adarec import coarse_contrastive_loss
 from adarec.models.controller import DepthController, DepthDecision
@@ -175,13 +175,14 @@ def test_pair_masks_per_position_value_and_gradient(mode):
 # ----------------------------------------------------------------------------- L_cont
 
 
-def cont_ref(z, depths, temperature=0.07):
-    """Loop over users and anchor levels k in [floor(T_u/2), T_u - 1]."""
+def cont_ref(z, depths, temperature=0.07, levels=None):
+    """Loop over users and anchor levels k in [floor(T_u/2), T_u - 1]; z rows in the compact
+    layout (levels 0..T_u per user), or in the grid of `levels` levels per user."""
     row = {}
     i = 0
     for u, t in enumerate(depths):
         for k in range(t + 1):
-            row[u, k] = i
+            row[u, k] = u * levels + k if levels else i
             i += 1
     losses = []
     for u, t in enumerate(depths):
@@ -193,13 +194,16 @@ def cont_ref(z, depths, temperature=0.07):
     return torch.stack(losses).mean(), len(losses)
 
 
+@pytest.mark.parametrize("layout", ["compact", "grid"])
 @pytest.mark.parametrize("depths", [[3, 1, 2, 0], [1, 2], [3, 3, 0, 2, 1]])
-def test_coarse_contrastive_loss_matches_loop(depths):
+def test_coarse_contrastive_loss_matches_loop(depths, layout):
+    """On the compact layout (scattered into the level grid) and on the static grid (a view)."""
     gen = torch.Generator().manual_seed(sum(depths))
-    packed = pack_levels(torch.tensor(depths))
+    grid = layout == "grid"
+    packed = grid_levels(torch.tensor(depths), T_MAX) if grid else pack_levels(torch.tensor(depths))
     z = torch.randn(packed.num_pairs, 5, generator=gen, dtype=torch.float64).requires_grad_()
     got = coarse_contrastive_loss(z, packed, torch.tensor(depths), T_MAX, 0.07)
-    want, anchors = cont_ref(z, depths)
+    want, anchors = cont_ref(z, depths, levels=T_MAX + 1 if grid else None)
     assert anchors > 0
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     (g_got,) = torch.autograd.grad(got, z)
@@ -289,11 +293,11 @@ def test_prefix_mean_is_the_mean_of_the_items_seen_so_far():
     torch.testing.assert_close(got[0, 4], (x[0, 2] + x[0, 3] + x[0, 4]) / 3)
 
 
-@pytest.mark.parametrize(("mode", "levels"), [("none", [1, 3, 2, 4, 1]), ("probe", [2, 4, 3, 4, 2]),
-                                              ("all", [4, 4, 4, 4, 4])])
-def test_computed_levels_per_depth_gradient_mode(monkeypatch, mode, levels):
-    """none builds levels 0..T_u; probe adds T_u + 1 (none above T_max); all builds 0..T_max.
-    Evaluation never builds more than 0..T_u."""
+@pytest.mark.parametrize("mode", ["none", "probe", "all"])
+def test_every_level_is_computed_and_active_follows_the_depth(monkeypatch, mode):
+    """Whatever the depth-gradient mode, training and scoring compute the static grid of levels
+    0..T_max for every user (shapes never depend on the depths); the active levels (those in
+    L_deno) are 0..T_u."""
     model = make_model(depth_gradient=mode).train()
     ids = batch_for()["input_ids"]
     depths = [0, 2, 1, 3, 0]
@@ -301,21 +305,21 @@ def test_computed_levels_per_depth_gradient_mode(monkeypatch, mode, levels):
     rows_encoded = []
     encode = model.encoder.encode
     monkeypatch.setattr(model.encoder, "encode", lambda x, i: rows_encoded.append(x.shape[0]) or encode(x, i))
-    packed = model.user_representation(ids)["packed"]
-    for u, t in enumerate(depths):
-        rows = slice(int(packed.offsets[u]), int(packed.offsets[u + 1]))
-        assert packed.pair_user[rows].tolist() == [u] * levels[u]
-        assert packed.pair_level[rows].tolist() == list(range(levels[u]))
-        assert packed.pair_active[rows].tolist() == [k <= t for k in range(levels[u])]
-    assert rows_encoded == [sum(levels)]
-    model.eval()
-    assert model.user_representation(ids, last_only=True)["packed"].num_pairs == sum(depths) + len(depths)
+    levels = T_MAX + 1
+    for last_only in (False, True):
+        model.train(not last_only)
+        packed = model.user_representation(ids, last_only=last_only)["packed"]
+        for u, t in enumerate(depths):
+            rows = slice(int(packed.offsets[u]), int(packed.offsets[u + 1]))
+            assert packed.pair_user[rows].tolist() == [u] * levels
+            assert packed.pair_level[rows].tolist() == list(range(levels))
+            assert packed.pair_active[rows].tolist() == [k <= t for k in range(levels)]
+    assert rows_encoded == [len(depths) * levels] * 2
 
 
 def test_levels_follow_the_deepest_prefix_in_training_and_the_last_one_for_scoring(monkeypatch):
-    """Per-prefix depths: training builds every level some item position reaches (and the probe
-    above it); scoring builds the last position's levels 0..T_u only, and h at the last position
-    is the same either way."""
+    """Per-prefix depths: in training the active levels are those some item position reaches; in
+    scoring those of the last position, and h at the last position is the same either way."""
     ids = batch_for()["input_ids"]
     depths = torch.zeros(5, MAX_LEN, dtype=torch.long)
     depths[0] = torch.tensor([1, 0, 2, 0, 1, 0, 0, 1])      # deepest prefix 2, last position 1
@@ -323,16 +327,16 @@ def test_levels_follow_the_deepest_prefix_in_training_and_the_last_one_for_scori
     model = make_model(depth_gradient="probe").train()
     patch_controller(monkeypatch, model, fixed_decision(depths))
     packed = model.user_representation(ids)["packed"]
-    assert (packed.offsets[1:] - packed.offsets[:-1]).tolist() == [4, 2, 2, 4, 2]
+    assert packed.pair_active.view(5, T_MAX + 1).sum(1).tolist() == [3, 1, 1, 4, 1]
     model.eval()
     full = model.user_representation(ids)
     last = model.user_representation(ids, last_only=True)
-    assert (last["packed"].offsets[1:] - last["packed"].offsets[:-1]).tolist() == [2, 1, 1, 1, 1]
+    assert last["packed"].pair_active.view(5, T_MAX + 1).sum(1).tolist() == [2, 1, 1, 1, 1]
     torch.testing.assert_close(last["h"][:, -1], full["h"][:, -1], rtol=0, atol=0)
 
 
 def test_user_outputs_ignore_levels_above_their_depth(monkeypatch):
-    """With depth_gradient=none nothing above T_u is built: such levels' parameters get no
+    """With depth_gradient=none levels above T_u weigh nothing (their mask is 0): their parameters get no
     gradient and changing them changes nothing."""
     model = make_model(depth_gradient="none").train()
     ids = batch_for()["input_ids"]
@@ -421,9 +425,8 @@ def test_without_the_probe_no_gradient_pushes_deeper_and_with_it_one_does(monkey
 
 @pytest.mark.parametrize("backend", ["eager", "fused"])
 def test_probe_and_all_leave_every_forward_value_bit_exact(backend):
-    """The extra levels have forward weight 0: h and every loss term but L_deno are the same bits
-    as without them, on the eager path and on the fused kernels (the Triton interpreter on CPU).
-    L_deno is the same mean over the same rows, summed in a different order (extra zero rows)."""
+    """The modes differ in gradients only: h and every loss term are the same bits (L_deno within
+    rounding), on the eager path and on the fused kernels (the Triton interpreter on CPU)."""
     results = {}
     for mode in ("none", "probe", "all"):
         model = make_model(depth_gradient=mode, backend=backend).train()
@@ -441,11 +444,8 @@ def test_probe_and_all_leave_every_forward_value_bit_exact(backend):
         for key in terms:
             if key != "deno":
                 assert torch.equal(terms_m[key], terms[key]), (mode, key)
-        # The statistics count active levels only; only the computed fraction grows.
-        for key in stats:
-            if key != "pairs_computed_frac":
-                assert stats_m[key] == stats[key], (mode, key)
-        assert stats_m["pairs_computed_frac"] > stats["pairs_computed_frac"]
+        # The statistics count active levels only.
+        assert stats_m == stats, mode
 
 
 def test_epoch_statistics_against_hand_counts(monkeypatch):
@@ -461,7 +461,7 @@ def test_epoch_statistics_against_hand_counts(monkeypatch):
     stats = model.pop_epoch_stats()
     assert [stats[f"depth_frac_{k}"] for k in range(T_MAX + 1)] == pytest.approx([0.4, 0.2, 0.2, 0.2])
     assert stats["pairs_active_frac"] == pytest.approx(11 / 20)          # sum (T_u + 1) / (B (T_max + 1))
-    assert stats["pairs_computed_frac"] == pytest.approx(15 / 20)        # + one probe level below T_max
+    assert stats["pairs_needed_frac"] == pytest.approx(11 / 20)          # one depth at every position
     for k in range(T_MAX + 1):
         values = [float(g[p]) for packed, g in g_last for p in range(packed.num_pairs)
                   if packed.pair_level[p] == k and packed.pair_active[p]]
@@ -502,7 +502,7 @@ def test_loss_terms_match_independent_references(monkeypatch):
     assert base == pytest.approx(float(bce), rel=1e-5)
 
     cont, *_ = loss_with(lambda_cont=1.0)
-    cont_want, _ = cont_ref(out["coarse"][:, -1].detach().double(), depths)
+    cont_want, _ = cont_ref(out["coarse"][:, -1].detach().double(), depths, levels=T_MAX + 1)
     assert cont - base == pytest.approx(float(cont_want), rel=1e-4)
 
     expl, *_ = loss_with(lambda_expl=1.0)
@@ -520,7 +520,7 @@ def test_loss_terms_match_independent_references(monkeypatch):
     errors, count = 0.0, 0
     for p in range(packed.num_pairs):
         u, k = int(packed.pair_user[p]), int(packed.pair_level[p])
-        if k == 0:
+        if k == 0 or not packed.pair_active[p]:       # L_deno: active levels >= 1 only
             continue
         a, s = float(model.sqrt_abar[k]), float(model.sqrt_one_minus_abar[k])
         for i in range(MAX_LEN):

@@ -1,7 +1,15 @@
 """On-device training batches: shuffled rows, exact negative sampling, augmented views.
 
 Nothing here synchronises with the host per batch: batch boundaries are known from the number
-of training rows (a host integer), and negatives are drawn in closed form (no rejection loop).
+of training rows (a host integer), negatives are drawn in closed form (no rejection loop), and
+the row permutation is drawn on the host (once per epoch, then copied over), so the host knows
+how many positions of a batch have a target without reading the device.
+
+Each batch carries `target_rows`: the flat indices (into B * L) of its positions with a target,
+in order, padded with positions without one to a multiple of TARGET_BUCKET. The next-item loss
+scores those rows only, so it costs about what scoring the real targets costs, its shape takes
+one of a few values (a CUDA graph per value), and no boolean selection has to read a count on
+the host (docs/method.md, "The training step on a GPU").
 """
 
 from __future__ import annotations
@@ -15,7 +23,18 @@ import torch
 from adarec.data.augment import random_views
 from adarec.data.split import SplitData
 
-__all__ = ["TrainBatchSampler", "sample_negatives"]
+__all__ = ["TARGET_BUCKET", "TrainBatchSampler", "sample_negatives", "target_rows"]
+
+# Target counts are rounded up to a multiple of this: a Beauty batch (256 rows, about 1,800
+# targets) then takes one of three or four shapes, at most 511 padding rows scored for nothing.
+TARGET_BUCKET = 512
+
+
+def target_rows(target_pos: torch.Tensor, count: int) -> torch.Tensor:
+    """The flat indices of target_pos's nonzero entries in order, then of zero entries, `count`
+    in all (count >= the number of targets, a host integer: nothing is read from the device)."""
+    missing = (target_pos.reshape(-1) == 0).to(torch.uint8)
+    return torch.sort(missing, stable=True).indices[:count]
 
 
 def sample_negatives(seen_sorted: torch.Tensor, seen_count: torch.Tensor,
@@ -59,8 +78,8 @@ class TrainBatchSampler:
     an uninterrupted one even if an earlier epoch was stopped part-way.
 
     Each batch: ``input_ids``, ``target_pos``, ``target_neg`` (0 where ``target_pos`` is 0),
-    ``user`` and, with ``with_views``, ``view1`` / ``view2``. The per-rank batch size is
-    ``batch_size // world_size`` and the last partial batch is kept. When the row count is not a
+    ``target_rows`` (module docstring), ``user`` and, with ``with_views``, ``view1`` / ``view2``.
+    The per-rank batch size is ``batch_size // world_size`` and the last partial batch is kept. When the row count is not a
     multiple of ``world_size`` ranks can differ by one step; ``pad_ranks=True`` pads the
     permutation with its first rows (as torch's DistributedSampler does) so every rank gets the
     same number of rows and steps, at the cost of a few rows seen twice per epoch.
@@ -86,6 +105,9 @@ class TrainBatchSampler:
         self.ratios = (crop_ratio, mask_ratio, reorder_ratio)
         self.pad_ranks = pad_ranks
         self.num_rows = int(split.train_input.shape[0])
+        # Read once here, so that a batch's target count is known on the host (target_rows).
+        self._row_targets = (split.train_target > 0).sum(1).cpu()
+        self._positions = int(split.train_target.shape[1])
         if pad_ranks:
             self.rank_rows = math.ceil(self.num_rows / world_size)
         else:
@@ -96,8 +118,8 @@ class TrainBatchSampler:
         """Steps per epoch on this rank."""
         return math.ceil(self.rank_rows / self.local_batch)
 
-    def _generator(self, seed: int) -> torch.Generator:
-        g = torch.Generator(device=self.device)
+    def _generator(self, seed: int, device: torch.device | str | None = None) -> torch.Generator:
+        g = torch.Generator(device=device or self.device)
         g.manual_seed(seed)
         return g
 
@@ -105,19 +127,22 @@ class TrainBatchSampler:
         """The batches of epoch ``epoch`` for this rank (same result however often it is called)."""
         self._last_epoch = epoch
         s = self.split
-        perm = torch.randperm(self.num_rows, generator=self._generator(_derived_seed(self.seed, epoch, 0)),
-                              device=self.device)
+        perm = torch.randperm(self.num_rows, generator=self._generator(_derived_seed(self.seed, epoch, 0), "cpu"))
         total = self.rank_rows * self.world_size
         if self.pad_ranks and self.num_rows and total > self.num_rows:
             perm = perm.repeat(math.ceil(total / self.num_rows))[:total]
-        rows = perm[self.rank :: self.world_size]
+        rows_host = perm[self.rank :: self.world_size]
+        rows = rows_host.to(self.device)
         g = self._generator(_derived_seed(self.seed, epoch, 1, self.rank))
         for i in range(len(self)):
-            idx = rows[i * self.local_batch : (i + 1) * self.local_batch]
+            part = slice(i * self.local_batch, (i + 1) * self.local_batch)
+            idx = rows[part]
+            targets = int(self._row_targets[rows_host[part]].sum())
+            bucket = min(math.ceil(max(targets, 1) / TARGET_BUCKET) * TARGET_BUCKET, idx.numel() * self._positions)
             user = s.train_user[idx]
             inp, pos = s.train_input[idx], s.train_target[idx]
             neg = sample_negatives(s.seen_sorted[user], s.seen_count[user], pos, s.num_items, g)
-            batch = {"input_ids": inp, "target_pos": pos,
+            batch = {"input_ids": inp, "target_pos": pos, "target_rows": target_rows(pos, bucket),
                      "target_neg": torch.where(pos > 0, neg, torch.zeros_like(neg)), "user": user}
             if self.with_views:
                 batch["view1"] = random_views(inp, g, *self.ratios)

@@ -1,8 +1,8 @@
 """ADARec as the paper describes it (docs/method.md section 2), reference (eager) path.
 
 E^0 from the ELCRec backbone -> Adaptive Depth Controller (a depth per user and prefix; the last
-position's is the sequence's T_u) -> packed (user, level) pairs for the levels any position needs
-(plus one zero-weight probe level in training, `model.depth_gradient`) -> Hierarchical Diffusion
+position's is the sequence's T_u) -> packed (user, level) pairs, the whole static grid of levels
+0..T_max (the per-position depth masks decide what each weighs) -> Hierarchical Diffusion
 Augmentation (one-shot reconstruction at every computed level) -> HP-MoE: the backbone
 Transformer as fine expert on the packed batch, an MLP coarse expert and a content-aware router
 on the *prefix* pools of each level, the gated fusion per position with per-position depth
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adarec.backends import fusion_function, trajectory_function
-from adarec.diffusion import Denoiser, PackedLevels, level_tables, pack_levels
+from adarec.diffusion import Denoiser, PackedLevels, grid_levels, level_tables
 from adarec.profiling import nvtx
 
 from .controller import DepthController
@@ -53,10 +53,16 @@ def coarse_contrastive_loss(z: torch.Tensor, packed: PackedLevels, depths: torch
         return z.sum() * 0.0
     active_pairs = packed.pair_active if active is None else active
     unit = F.normalize(z.float(), dim=-1) * active_pairs[:, None]
-    grid = unit.new_zeros(max_depth + 1, batch, unit.shape[-1])
-    grid = grid.index_put((packed.pair_level, packed.pair_user), unit)
-    active = torch.zeros(max_depth + 1, batch, dtype=torch.bool, device=z.device)
-    active = active.index_put((packed.pair_level, packed.pair_user), active_pairs)
+    levels = max_depth + 1
+    if packed.num_pairs == batch * levels:
+        # Every user owns all levels 0..T_max in order (grid_levels, or a pack in which every user
+        # is that deep): the [T_max + 1, B] grid is a transposed view, no scatter needed.
+        grid = unit.view(batch, levels, -1).transpose(0, 1)
+        active = active_pairs.view(batch, levels).t()
+    else:
+        grid = unit.new_zeros(levels, batch, unit.shape[-1]).index_put((packed.pair_level, packed.pair_user), unit)
+        active = torch.zeros(levels, batch, dtype=torch.bool, device=z.device).index_put(
+            (packed.pair_level, packed.pair_user), active_pairs)
     logits = torch.bmm(grid[:-1], grid[1:].transpose(1, 2)) / temperature      # [T, B(anchor), B(cand)]
     logits = logits.masked_fill(~active[1:, None, :], float("-inf"))
     level = torch.arange(max_depth, device=z.device)[:, None]
@@ -122,14 +128,11 @@ class ADARec(ELCRec):
                 "decision": decision, "l_deno": l_deno}
 
     def _pack(self, decision, last_only: bool) -> PackedLevels:
-        """The levels to compute: every level some position's depth reaches, plus in training the
-        depth-gradient mode's extra levels; for scoring, which reads the last position only, that
-        position's levels 0..T_u (docs/method.md 2.1)."""
-        if self.training:
-            return pack_levels(decision.top_depths(), self.max_depth, self.depth_gradient)
-        if last_only:
-            return pack_levels(decision.sequence_depths, self.max_depth, "none")
-        return pack_levels(decision.top_depths(), self.max_depth, "none")
+        """Every level of every user (a static layout, docs/method.md 2.2); active (entering
+        L_deno) are the levels some position's depth reaches, or for scoring, which reads the
+        last position only, that position's levels 0..T_u. Which levels weigh in the fusion and
+        which pass the controller a gradient is the per-position depth mask's business."""
+        return grid_levels(decision.sequence_depths if last_only else decision.top_depths(), self.max_depth)
 
     def _trajectory(self, e0: torch.Tensor, input_ids: torch.Tensor,
                     packed: PackedLevels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +203,7 @@ class ADARec(ELCRec):
             # Plain float64 tensors, not buffers: a bf16 engine must not cast the counters.
             zeros = torch.zeros(levels, dtype=torch.float64, device=depths.device)
             self._stats = {"depth": zeros.clone(), "router_sum": zeros.clone(), "router_n": zeros.clone(),
-                           "needed": zeros.new_zeros(()), "pairs": zeros.new_zeros(()), "users": zeros.new_zeros(())}
+                           "needed": zeros.new_zeros(()), "users": zeros.new_zeros(())}
         s = self._stats
         last = active_last.double()
         # index_add_ rather than bincount: bincount sizes its output from the data (a host sync).
@@ -209,19 +212,27 @@ class ADARec(ELCRec):
         s["router_sum"].index_add_(0, packed.pair_level, g[:, -1].double() * last)
         s["router_n"].index_add_(0, packed.pair_level, last)
         s["needed"] += packed.pair_active.double().sum()
-        s["pairs"] += packed.num_pairs
         s["users"] += depths.numel()
+
+    def stat_tensors(self) -> list[torch.Tensor]:
+        """The device counters behind pop_epoch_stats (empty before the first training step)."""
+        return list(self._stats.values()) if self._stats is not None else []
 
     def pop_epoch_stats(self) -> dict[str, float | None]:
         """Since the last call: the histogram of the sequence depths T_u (last position), the
-        mean router weight per level active at the last position, and three fractions of the
-        B (T_max + 1) (user, level) pairs: active at the last position (what evaluation builds),
-        needed by some position, and computed (plus the depth-gradient mode's extra levels)."""
+        mean router weight per level active at the last position, and two fractions of the
+        B (T_max + 1) (user, level) pairs (all of which are computed, docs/method.md 2.2): active
+        at the last position (what scoring weighs) and needed by some position."""
         if self._stats is None:
             return {}
-        s = {k: v.cpu() for k, v in self._stats.items()}
-        self._stats = None
-        users = max(float(s["users"]), 1.0)
+        s = {k: v.to("cpu", copy=True) for k, v in self._stats.items()}
+        # Zeroed in place, not replaced: a captured training step (engine/graphed_step.py) keeps
+        # adding into these very tensors.
+        for value in self._stats.values():
+            value.zero_()
+        if not float(s["users"]):
+            return {}
+        users = float(s["users"])
         out = {f"depth_frac_{k}": float(s["depth"][k]) / users for k in range(self.max_depth + 1)}
         for k in range(self.max_depth + 1):
             n = float(s["router_n"][k])
@@ -229,5 +240,4 @@ class ADARec(ELCRec):
         grid = users * (self.max_depth + 1)
         out["pairs_active_frac"] = float(s["router_n"].sum()) / grid
         out["pairs_needed_frac"] = float(s["needed"]) / grid
-        out["pairs_computed_frac"] = float(s["pairs"]) / grid
         return out

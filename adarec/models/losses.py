@@ -15,15 +15,20 @@ def bce_next_item_loss(hidden, item_embeddings, target_pos, target_neg) -> torch
     return per_position.sum() / is_target.sum().clamp_min(1.0)
 
 
-def ce_next_item_loss(hidden, item_weight, target_pos) -> torch.Tensor:
-    """Full-softmax cross-entropy over items 1..N at every position with a target.
+def ce_next_item_loss(hidden, item_weight, target_pos, target_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Full-softmax cross-entropy over items 1..N, averaged over the positions with a target.
 
-    Only positions with a target are scored (boolean selection costs one host sync but avoids
-    scoring the padding, which is most of a Beauty batch).
+    target_rows (flat indices into B * L, from the sampler) says which positions to score: every
+    target and some padding, which ignore_index drops. Without it every position is scored.
+    Either way nothing reads a count on the host (a boolean selection would), and most of a Beauty
+    batch is padding, so target_rows is what keeps the logits small.
     """
-    valid = target_pos > 0
-    logits = (hidden[valid] @ item_weight[1:-1].t()).float()
-    return F.cross_entropy(logits, target_pos[valid] - 1)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_target = target_pos.reshape(-1)
+    if target_rows is not None:
+        flat_hidden, flat_target = flat_hidden.index_select(0, target_rows), flat_target.index_select(0, target_rows)
+    logits = (flat_hidden @ item_weight[1:-1].t()).float()
+    return F.cross_entropy(logits, flat_target - 1, ignore_index=-1)
 
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 1.0,
@@ -33,26 +38,24 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 1.0,
     Row i of a and row i of b are positives; all other rows of both are negatives. With groups
     (e.g. intent ids), rows of the same group are removed from each other's negatives, as ICLRec
     does for intent contrast.
+
+    All 2n rows are scored against each other in one [2n, 2n] product of x = [a; b]: row i's
+    positive is row (i + n) mod 2n, and what is not a candidate (the row itself, and with groups
+    the rest of its group apart from its positive) is set to -inf. The cross-entropy does not
+    depend on the order of a row's candidates, so this is SimCLR's loss in a handful of kernels.
     """
-    a, b = a.float(), b.float()
     n = a.shape[0]
-    sim_aa = a @ a.t() / temperature
-    sim_bb = b @ b.t() / temperature
-    sim_ab = a @ b.t() / temperature
-    eye = torch.eye(n, dtype=torch.bool, device=a.device)
+    x = torch.cat([a, b]).float()
+    logits = (x @ x.t()) / temperature
+    rows = torch.arange(2 * n, device=a.device)
+    positive = torch.remainder(rows + n, 2 * n)
     if groups is None:
-        same, same_cross = eye, torch.zeros_like(eye)
+        excluded = rows[:, None] == rows[None, :]
     else:
-        same = groups.view(-1, 1) == groups.view(1, -1)
-        same_cross = same & ~eye
-    neg_inf = float("-inf")
-    sim_aa = sim_aa.masked_fill(same, neg_inf)
-    sim_bb = sim_bb.masked_fill(same, neg_inf)
-    sim_ab = sim_ab.masked_fill(same_cross, neg_inf)
-    logits = torch.cat([torch.cat([sim_ab, sim_aa], 1), torch.cat([sim_bb, sim_ab.t()], 1)], 0)
-    # Row i's positive is sim_ab[i, i] (column i); row n+i's is sim_ab.t()[i, i] (column n+i).
-    labels = torch.arange(2 * n, device=a.device)
-    return F.cross_entropy(logits, labels)
+        both = torch.cat([groups, groups])
+        excluded = (both[:, None] == both[None, :]) & (positive[:, None] != rows[None, :])
+    logits = torch.where(excluded, float("-inf"), logits)
+    return F.cross_entropy(logits, positive)
 
 
 def cluster_loss(samples: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -61,10 +64,9 @@ def cluster_loss(samples: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     the zero diagonal).
 
     For unit vectors ||x - y||^2 = 2 - 2 x.y, so both means reduce to dot products with the sum
-    of the centres: O((B + K) D) instead of building the B x K and K x K distance matrices.
+    of the centres c: (2 - 2 mean(x).c / K) - (2 - 2 c.c / K^2) = 2 (c.c / K - mean(x).c) / K,
+    which costs O((B + K) D) instead of the B x K and K x K distance matrices.
     """
     k = centers.shape[0]
     center_sum = centers.sum(0)
-    sample_center = 2.0 - 2.0 * (samples @ center_sum) / k
-    center_center = 2.0 - 2.0 * center_sum.pow(2).sum() / (k * k)
-    return sample_center.mean() - center_center
+    return 2.0 * (center_sum.dot(center_sum) / k - samples.mean(0).dot(center_sum)) / k

@@ -34,7 +34,8 @@ class SASRec(nn.Module):
 
     def rec_loss(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
         if self.rec_loss_kind == "ce":
-            return ce_next_item_loss(hidden, self.encoder.item_embeddings.weight, batch["target_pos"])
+            return ce_next_item_loss(hidden, self.encoder.item_embeddings.weight, batch["target_pos"],
+                                     batch.get("target_rows"))
         return bce_next_item_loss(hidden, self.encoder.item_embeddings, batch["target_pos"], batch["target_neg"])
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

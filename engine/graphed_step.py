@@ -1,0 +1,115 @@
+"""`train.cuda_graphs`: the whole training step of a member captured as CUDA graphs and replayed.
+
+A step of these models is a few hundred small kernels (docs/method.md, "The training step on a
+GPU"): on an H100 the launches, not the arithmetic, set its time. A CUDA graph replays all of
+them with one launch. What capture needs, and where it comes from:
+- no host sync anywhere in forward, backward and optimizer step (tests/test_sync_free.py);
+- static shapes: a batch's shapes take a few values (batch size, the sampler's target bucket),
+  and one graph is captured per *shape bucket*, all sharing one memory pool;
+- static inputs: every batch is copied into that bucket's input buffers before the replay;
+- an optimizer whose step runs on the device: Adam with `capturable=True` (fused on CUDA),
+  with bf16 from autocast over fp32 weights instead of DeepSpeed's bf16 optimizer, whose
+  overflow check reads the device. The DeepSpeed engine still owns the module and the optimizer
+  (checkpoints, resume); the graph calls them directly.
+
+Warm-up and capture run real steps on the bucket's first batch; the weights and optimizer state
+are restored afterwards (in place, so the graph's pointers stay valid), so capturing changes
+nothing: the first replay is the first step. With `capture=False` the same static-buffer step
+runs eagerly; the CPU tests use it to check this path against the DeepSpeed step.
+
+Off by default. The README says when a GPU run of the device check has passed it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from adarec.errors import ConfigError
+
+WARMUP_STEPS = 3
+
+
+def check_graph_config(train_cfg, device: torch.device, world_size: int) -> None:
+    """Refuse the settings the captured step cannot honour, saying why."""
+    if device.type != "cuda":
+        raise ConfigError(f"train.cuda_graphs=true needs a CUDA device (the run is on {device})")
+    if world_size > 1:
+        raise ConfigError("train.cuda_graphs=true is for one GPU: DeepSpeed's gradient all-reduce across "
+                          f"{world_size} ranks runs outside the graph; use cuda_graphs=false when launching several")
+    if train_cfg.zero_stage != 0:
+        raise ConfigError("train.cuda_graphs=true needs train.zero_stage=0 (ZeRO partitions the optimizer "
+                          "state outside the captured step)")
+
+
+class GraphedStep:
+    """One member's step (forward, backward, clipping, Adam) as replayable graphs."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, autocast_dtype=None,
+                 grad_clip: float = 0.0, capture: bool = True):
+        self.module, self.optimizer = module, optimizer
+        self.autocast_dtype, self.grad_clip, self.capture = autocast_dtype, grad_clip, capture
+        self.buckets: dict[tuple, tuple] = {}   # shape key -> (graph or None, inputs, outputs)
+        self.pool = None
+
+    @staticmethod
+    def bucket_key(batch: dict) -> tuple:
+        return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device_type = next(self.module.parameters()).device.type
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+    def _step(self, inputs: dict) -> dict[str, torch.Tensor]:
+        with self._autocast():
+            loss, terms = self.module(inputs)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip, foreach=True)
+        self.optimizer.step()
+        return {"loss": loss.detach(), **terms}
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """What a step changes besides its outputs: weights, optimizer state, the model's counters."""
+        tensors = [p.data for p in self.module.parameters()]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        return tensors + list(getattr(self.module, "stat_tensors", list)())
+
+    def _build(self, batch: dict) -> tuple:
+        inputs = {k: v.clone() for k, v in batch.items()}
+        if not self.capture:
+            return None, inputs, None
+        saved = {id(t): (t, t.detach().clone()) for t in self._state_tensors()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_STEPS):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._step(inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = self._step(inputs)
+        self.pool = self.pool or graph.pool()
+        # Undo the warm-up: saved values back in place; state the warm-up created (Adam's moments
+        # and step counts, the model's counters on a first step) back to zero, its initial value.
+        for tensor in self._state_tensors():
+            tensor.copy_(saved[id(tensor)][1]) if id(tensor) in saved else tensor.zero_()
+        return graph, inputs, outputs
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        key = self.bucket_key(batch)
+        if key not in self.buckets:
+            self.buckets[key] = self._build(batch)
+        graph, inputs, outputs = self.buckets[key]
+        for name, value in batch.items():
+            inputs[name].copy_(value)
+        if graph is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._step(inputs)
+        graph.replay()
+        return outputs

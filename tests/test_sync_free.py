@@ -1,0 +1,124 @@
+"""No host sync inside a training step or an evaluation batch (docs/method.md, "The training step
+on a GPU"), checked on a CPU profile of the real Trainer step; and the launch counter itself
+(profiling/opcount.py) against ops whose behaviour is known."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from adarec.profiling import opcount
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.max_users=120", "model.hidden_size=16", "model.num_layers=1", "model.num_intent_clusters=4",
+        "model.max_depth=3", "train.batch_size=32", "eval.batch_size=32"]
+
+
+# -- the counter ---------------------------------------------------------------------------------
+def test_counter_flags_each_kind_of_host_sync():
+    x = torch.randn(64)
+    repeats = torch.randint(0, 3, (8,))
+    cases = {
+        "aten::_local_scalar_dense": lambda: x.sum().item(),
+        "aten::nonzero": lambda: x[x > 0],
+        "aten::masked_select": lambda: torch.masked_select(x, x > 0),
+        "repeat_interleave": lambda: torch.repeat_interleave(torch.arange(8), repeats),
+    }
+    for name, fn in cases.items():
+        counted = opcount.count_ops(fn)
+        assert counted.syncs >= 1, (name, counted.sync_ops)
+        assert name in " ".join(counted.sync_ops), counted.sync_ops
+
+
+def test_counter_passes_sync_free_twins():
+    """The same work without a host read: a static-size repeat, a masked where."""
+    x = torch.randn(64)
+    repeats = torch.full((8,), 2)
+    for fn in (lambda: torch.repeat_interleave(torch.arange(8), repeats, output_size=16),
+               lambda: torch.where(x > 0, x, 0.0).sum(),
+               lambda: torch.repeat_interleave(torch.arange(8), 2)):
+        assert opcount.count_ops(fn).syncs == 0
+
+
+def test_counter_counts_leaf_launches_and_skips_views():
+    """exp, add and the in-place mul are three kernels; view/transpose/unsqueeze launch nothing.
+    (On the CPU the scalar operands of add and mul_ go through a copy_, which is then the leaf
+    that is counted: the total is what a GPU launches, the names need not be.)"""
+    x = torch.randn(4, 6)
+
+    def fn():
+        y = x.view(6, 4).t().unsqueeze(0)
+        z = torch.exp(y) + 1.0
+        z.mul_(2.0)
+
+    counted = opcount.count_ops(fn)
+    assert counted.launches == 3, counted.leaf_ops
+    assert counted.leaf_ops["aten::exp"] == 1 and not set(counted.leaf_ops) & opcount.NO_LAUNCH
+
+
+def test_counter_counts_an_rnn_call_and_its_backward_as_one_launch_each():
+    gru = torch.nn.GRU(4, 4, batch_first=True)
+    x = torch.randn(2, 7, 4)
+    forward_only = opcount.count_ops(lambda: gru(x))
+    assert forward_only.leaf_ops["aten::gru"] == 1
+    assert forward_only.launches <= 3          # the GRU and the zero initial state
+
+    def train(inputs):
+        gru.zero_grad(set_to_none=True)
+        out, _ = gru(inputs)
+        out.sum().backward()
+
+    with_backward = opcount.count_ops(lambda: train(x))
+    # One launch for the GRU's whole backward, whatever its length: the unrolled CPU backward
+    # of 7 or 21 steps would be dozens of ops.
+    longer_input = torch.randn(2, 21, 4)
+    longer = opcount.count_ops(lambda: train(longer_input))
+    assert with_backward.launches == longer.launches
+    assert with_backward.launches < 15
+
+
+def test_counter_counts_the_optimizer_range_once_and_ignores_its_syncs():
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.Adam([w], foreach=False)
+    w.grad = torch.randn(3)
+
+    def step():
+        with opcount.optimizer_range():
+            opt.step()
+            w.detach().sum().item()          # a sync inside the optimizer's range is its own business
+
+    counted = opcount.count_ops(step)
+    assert counted.launches == 1 and counted.syncs == 0
+
+
+# -- the models ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trainers(tmp_path_factory):
+    built = {}
+    for model in ("adarec", "adarec-dual", "elcrec", "sasrec"):
+        overrides = [*TINY, "model.kmeans_init=false"] if model != "sasrec" else TINY[:3] + TINY[5:]
+        config = REPO / f"configs/{model}_beauty.yaml"
+        built[model] = opcount._build_trainer(str(config), overrides, tmp_path_factory.mktemp(model))
+    return built
+
+
+@pytest.mark.parametrize("model", ["adarec", "adarec-dual", "elcrec", "sasrec"])
+def test_training_step_and_evaluation_batch_do_not_sync(trainers, model):
+    counts = opcount.profile_trainer(trainers[model])
+    for phase, counted in counts.items():
+        assert counted.syncs == 0, f"{model} {phase}: {dict(counted.sync_ops)}"
+        assert counted.launches > 20, f"{model} {phase}: the profile recorded nothing"
+
+
+def test_the_sync_test_would_catch_a_boolean_selection_in_the_loss(trainers, monkeypatch):
+    """Put back the old boolean-selection cross-entropy: the step's profile must show its syncs."""
+    import adarec.models.sasrec as sasrec
+
+    def selecting_ce(hidden, item_weight, target_pos, target_rows=None):
+        valid = target_pos > 0
+        logits = hidden[valid] @ item_weight[1:-1].t()
+        return torch.nn.functional.cross_entropy(logits.float(), target_pos[valid] - 1)
+
+    monkeypatch.setattr(sasrec, "ce_next_item_loss", selecting_ce)
+    counts = opcount.profile_trainer(trainers["sasrec"])
+    assert counts["training step"].syncs >= 2
+    assert counts["evaluation batch"].syncs == 0
