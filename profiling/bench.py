@@ -3,6 +3,10 @@
     python -m adarec.profiling.bench --config configs/adarec_beauty.yaml --backends eager fused \
         --steps 20 --repeats 5 --out results/bench/adarec_beauty
     python -m adarec.profiling.bench --config ... --trace        # + a Chrome trace per backend
+    python -m adarec.profiling.bench --config ... --trace-summary   # + counts read off a profile
+
+Backends: eager (the eager twins), fused (Triton trajectory + native gated fusion), graphs
+(fused, and train.cuda_graphs: the whole step captured and replayed).
 
 For each backend it builds the real training path (the DeepSpeed engine(s) of the run config,
 the on-device batch sampler, the model's data-dependent init), runs `--warmup` untimed steps,
@@ -11,7 +15,11 @@ backward + optimizer step of every member, exactly as `adarec train` does it). R
 backend: the step time (median and spread over the repeats), samples/s, the training time of
 one epoch projected from the dataset's steps per epoch, the time of a full validation pass
 and the peak CUDA memory. Writes bench.csv, bench.md, bench.json and bench.png under --out;
-every row carries the device, torch/triton versions, date and git commit.
+every row carries the device, torch/triton versions, date and git commit. `--trace-summary`
+profiles `--trace-steps` more steps and adds per-step counts to the row (a trace reduced to
+numbers, small enough to copy off a remote machine): launches and host syncs by the rules of
+profiling/opcount.py and, on CUDA, kernels, synchronising CUDA runtime calls and GPU-busy ms
+per step, with the top kernels in trace_summary_<backend>.json.
 
 Timing is wall-clock around synchronised blocks (what a training run pays), not per-kernel
 device time; use --trace or Nsight (README, "Profiling") for the breakdown.
@@ -20,6 +28,8 @@ device time; use --trace or Nsight (README, "Profiling") for the breakdown.
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import logging
 import os
 import statistics
@@ -31,13 +41,21 @@ import torch
 from adarec.engine.data_setup import load_split
 from adarec.engine.distributed import setup_distributed
 from adarec.engine.trainer import Trainer
+from adarec.profiling import opcount
 from adarec.profiling.timing import add_speedups, environment, synchronize, write_tables
 
 from adarec.config import apply_overrides, load_config
 from adarec.models import scorer
 
 log = logging.getLogger("adarec.bench")
-BACKENDS = ("eager", "fused")
+BACKENDS = ("eager", "fused", "graphs")
+# What each bench backend sets in the run config.
+BACKEND_SETTINGS = {
+    "eager": ["kernels.backend=eager"],
+    "fused": ["kernels.backend=fused"],
+    "graphs": ["kernels.backend=fused", "train.cuda_graphs=true"],
+}
+SYNC_RUNTIME_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ")
 
 
 def _steps(trainer: Trainer):
@@ -84,8 +102,40 @@ def _trace(trainer: Trainer, batches, steps: int, path: Path) -> None:
     prof.export_chrome_trace(str(path))
 
 
+def trace_summary(trainer: Trainer, batches, steps: int, top: int = 10) -> dict:
+    """Per-step counts from a profile of `steps` training steps (module docstring)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step(next(batches))
+        synchronize(trainer.device)
+    events = prof.events()
+    counted = opcount.count_events(events)
+    summary = {"launches_per_step": counted.launches / steps, "syncs_per_step": counted.syncs / steps,
+               "sync_ops": dict(counted.sync_ops)}
+    if cuda:
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_us = sum(e.device_time for e in kernels)
+        by_name = collections.Counter()
+        time_by_name = collections.Counter()
+        for e in kernels:
+            by_name[e.name] += 1
+            time_by_name[e.name] += e.device_time
+        summary.update(
+            kernels_per_step=len(kernels) / steps,
+            cuda_syncs_per_step=sum(e.name.startswith(SYNC_RUNTIME_CALLS) for e in events) / steps,
+            gpu_busy_ms_per_step=busy_us / 1e3 / steps,
+            top_kernels=[{"name": n[:120], "per_step": by_name[n] / steps, "ms_per_step": t / 1e3 / steps}
+                         for n, t in time_by_name.most_common(top)],
+        )
+    return summary
+
+
 def bench_backend(cfg, backend: str, split, dist, args, out: Path) -> dict:
-    cfg = apply_overrides(cfg, [f"kernels.backend={backend}"], where="bench")
+    cfg = apply_overrides(cfg, BACKEND_SETTINGS[backend], where="bench")
     with tempfile.TemporaryDirectory(prefix="adarec-bench-") as run_dir:
         trainer = Trainer(cfg, Path(run_dir), dist, split, resume=False)
         for engine in trainer.engines.values():
@@ -110,6 +160,10 @@ def bench_backend(cfg, backend: str, split, dist, args, out: Path) -> dict:
         }
         if args.trace:
             _trace(trainer, batches, args.trace_steps, out / f"trace_{backend}.json")
+        if args.trace_summary:
+            summary = trace_summary(trainer, batches, args.trace_steps)
+            (out / f"trace_summary_{backend}.json").write_text(json.dumps(summary, indent=1))
+            row.update({k: v for k, v in summary.items() if k.endswith("_per_step")})
     return row
 
 
@@ -150,6 +204,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--eval-repeats", type=int, default=2,
                         help="full validation passes to time (the first is a warm-up when > 1); 0 skips")
     parser.add_argument("--trace", action="store_true", help="also write a torch.profiler Chrome trace")
+    parser.add_argument("--trace-summary", action="store_true",
+                        help="profile --trace-steps steps and add per-step launch, sync and kernel counts")
     parser.add_argument("--trace-steps", type=int, default=3)
     parser.add_argument("--out", default=None, help="results folder (default results/bench/<config name>)")
     args = parser.parse_args(argv)
@@ -167,7 +223,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [{**bench_backend(cfg, backend, split, dist, args, out), **env} for backend in args.backends]
     add_speedups(rows, "step_ms_median")
     paths = write_tables(rows, out, "bench")
-    plot(rows, out / "bench.png")
+    try:
+        plot(rows, out / "bench.png")
+    except ImportError as exc:   # a bare GPU machine may lack matplotlib; the tables are the record
+        log.warning("no bench.png: %s", exc)
     print(paths["md"].read_text(), end="")
     return rows
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -66,6 +67,9 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | N
 
 
 def git_commit() -> str:
+    """ADAREC_COMMIT when set (a copy of the tree without .git, e.g. on a remote GPU machine), else git."""
+    if os.environ.get("ADAREC_COMMIT"):
+        return os.environ["ADAREC_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parent)

@@ -51,6 +51,25 @@ def test_harness_runs_two_steps_and_writes_all_columns(tmp_path, monkeypatch):
     assert trace["traceEvents"]
 
 
+def test_trace_summary_reduces_a_profile_to_per_step_counts(tmp_path, monkeypatch):
+    """--trace-summary: the counts of the opcount rules per step, no syncs in the real step, and
+    the same launch count as counting one step directly."""
+    monkeypatch.delenv("ADAREC_KERNELS", raising=False)
+    out = tmp_path / "bench"
+    rows = bench.main(["--config", str(REPO / "configs/adarec_beauty.yaml"), "--set", *TINY,
+                       "--backends", "eager", "--warmup", "1", "--steps", "1", "--repeats", "1",
+                       "--eval-repeats", "0", "--trace-summary", "--trace-steps", "2", "--out", str(out)])
+    summary = json.loads((out / "trace_summary_eager.json").read_text())
+    assert summary["syncs_per_step"] == 0 and summary["sync_ops"] == {}
+    assert rows[0]["launches_per_step"] == summary["launches_per_step"] > 50
+    assert "kernels_per_step" not in summary          # CUDA-only counts are absent on the CPU
+
+
+def test_graphs_backend_sets_cuda_graphs():
+    assert "train.cuda_graphs=true" in bench.BACKEND_SETTINGS["graphs"]
+    assert bench.BACKENDS == tuple(bench.BACKEND_SETTINGS)
+
+
 def test_nvtx_is_a_shared_no_op_when_off():
     nvtx.enable(False)
     assert nvtx.phase("data") is nvtx.phase("backward")

@@ -79,8 +79,8 @@ class TrainBatchSampler:
 
     Each batch: ``input_ids``, ``target_pos``, ``target_neg`` (0 where ``target_pos`` is 0),
     ``target_rows`` (module docstring), ``user`` and, with ``with_views``, ``view1`` / ``view2``.
-    The per-rank batch size is ``batch_size // world_size`` and the last partial batch is kept. When the row count is not a
-    multiple of ``world_size`` ranks can differ by one step; ``pad_ranks=True`` pads the
+    The per-rank batch size is ``batch_size // world_size`` and the last partial batch is kept.
+    When the row count is not a multiple of ``world_size`` ranks can differ by one step; ``pad_ranks=True`` pads the
     permutation with its first rows (as torch's DistributedSampler does) so every rank gets the
     same number of rows and steps, at the cost of a few rows seen twice per epoch.
     """
@@ -106,7 +106,8 @@ class TrainBatchSampler:
         self.pad_ranks = pad_ranks
         self.num_rows = int(split.train_input.shape[0])
         # Read once here, so that a batch's target count is known on the host (target_rows).
-        self._row_targets = (split.train_target > 0).sum(1).cpu()
+        # numpy, not torch: host-side bookkeeping must not look like a device read in a profile.
+        self._row_targets = (split.train_target > 0).sum(1).cpu().numpy()
         self._positions = int(split.train_target.shape[1])
         if pad_ranks:
             self.rank_rows = math.ceil(self.num_rows / world_size)
@@ -133,6 +134,7 @@ class TrainBatchSampler:
             perm = perm.repeat(math.ceil(total / self.num_rows))[:total]
         rows_host = perm[self.rank :: self.world_size]
         rows = rows_host.to(self.device)
+        rows_host = rows_host.numpy()
         g = self._generator(_derived_seed(self.seed, epoch, 1, self.rank))
         for i in range(len(self)):
             part = slice(i * self.local_batch, (i + 1) * self.local_batch)
