@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .run_log import current_rows, read_jsonl
 
 
-def plot_curves(run_dir: Path, out_name: str = "curves.png") -> Path:
-    import matplotlib
+def plot_curves(run_dir: Path, out_name: str = "curves.png") -> Path | None:
+    """Draw the curves; None (with a warning) where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        logging.getLogger("adarec.train").warning("no %s: %s", out_name, exc)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

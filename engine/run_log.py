@@ -78,9 +78,14 @@ class RunLog:
         self.enabled = enabled
         self._tb = None
         if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                # The JSON logs are the record; TensorBoard is a view of them (a bare GPU machine
+                # may not have it installed).
+                logging.getLogger("adarec.train").warning("no TensorBoard events: %s", exc)
+            else:
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def mark_resumed(self, epoch: int) -> list[dict]:
         """Append the resume marker to both logs; return the test rows it supersedes."""

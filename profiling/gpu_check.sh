@@ -1,0 +1,288 @@
+#!/usr/bin/env bash
+# The GPU device check: everything in the project that needs a GPU, in one call, in priority
+# order (build the CUDA extension, the Triton and native-op tests, the other GPU tests, the
+# kernel benchmarks, the training-step harness, a bf16 DeepSpeed run, a short convergence run).
+# It replaces profiling/gpu_suite.sh.
+#
+#   bash profiling/gpu_check.sh OUT [--dry-run]          (or ADAREC_CHECK_DRY_RUN=1)
+#
+# It is made for a fresh, bare GPU machine without network, run from a copy of the working tree
+# without .git, whose results come back only as a few files, and which may be killed at its time
+# limit. Hence:
+# - OUT receives exactly three files (at most 8 come back, no folders): summary.txt (header and
+#   one line per step with its exit status, seconds and key numbers, from check_summary.py),
+#   log.txt (every step's command and output) and results.tgz (everything the steps wrote,
+#   one folder per step, files over 4 MiB left out and listed in summary.txt, under 16 MiB).
+#   The steps write into a work folder outside OUT; all three files are rewritten after every
+#   step (results.tgz and summary.txt through a temporary name and a rename), so a kill at any
+#   moment leaves complete files describing every finished step and the one that was running.
+# - The whole check, install included, must fit in 8 minutes: every step has its own timeout
+#   (a timed-out step exits 124, or 137 when it had to be killed; the check goes on), and a
+#   budget (ADAREC_CHECK_BUDGET, 450 s) caps each timeout to what is left and skips the steps
+#   that would start with less than 10 s, so the worst case ends near budget + 10 s.
+# - The commit comes from ADAREC_COMMIT (default "unknown"); .git is never read.
+# - Only python3 is assumed on PATH: PYTHON overrides it, pip and pytest run as `$PY -m`.
+#
+# --dry-run runs nothing of the plan: each step prints the command it would run and exits 0, in
+# a 2 s timeout, so the whole check takes seconds on any machine (no GPU, no nvidia-smi needed).
+# For the tests, ADAREC_CHECK_FAKE="kernels=fail,bench_fusion=timeout" makes a dry-run step exit 3
+# (fail) or sleep past its timeout (timeout). ADAREC_CHECK_ONLY="kernels bench_adarec" runs only
+# the named steps (the others are listed as not selected), e.g. to repeat failed steps; the
+# install step is needed by every other one on a fresh machine.
+set -u
+
+# -- the steps, in priority order ---------------------------------------------------------------
+# name               timeout(s)  command (run with bash -c; $PY is the python, $STEP_DIR the
+#                                step's own folder in the work folder, the repository is the cwd)
+# The timeouts add up to 460 s, a little over the budget: a check where every step runs into its
+# timeout cuts the last one short rather than overrunning the 8 minutes. The install allows a
+# system-wide install because a distribution's python3 may refuse one (PEP 668) and the machine is
+# thrown away afterwards; every later step imports adarec.* through that editable install.
+STEPS='
+environment          15  env_report
+install             150  PIP_BREAK_SYSTEM_PACKAGES=1 $PY -m pip install --no-build-isolation --no-deps -e .
+kernels              60  $PY -m pytest -q -m gpu tests/test_trajectory_kernel.py
+fusion_op            25  $PY -m pytest -q -m gpu tests/test_gated_fusion_op.py
+gpu_tests            35  $PY -m pytest -q -m gpu tests --ignore=tests/test_trajectory_kernel.py --ignore=tests/test_gated_fusion_op.py
+bench_trajectory     20  $PY -m adarec.profiling.bench_trajectory --out "$STEP_DIR"
+bench_fusion         15  $PY -m adarec.profiling.bench_fusion --out "$STEP_DIR"
+bench_adarec         50  $PY -m adarec.profiling.bench --config configs/adarec_beauty.yaml --backends eager fused graphs --steps 10 --repeats 3 --trace-summary --out "$STEP_DIR" --set model.kmeans_init=false
+bench_adarec_dual    35  $PY -m adarec.profiling.bench --config configs/adarec-dual_beauty.yaml --backends eager fused graphs --steps 10 --repeats 3 --trace-summary --out "$STEP_DIR" --set model.kmeans_init=false
+deepspeed_bf16       30  $PY -m adarec train --config configs/adarec_beauty.yaml --output-dir "$STEP_DIR/run" --set train.epochs=1 train.precision=bf16 kernels.backend=fused
+convergence          25  $PY -m adarec train --config configs/adarec_beauty_sparse5.yaml --output-dir "$STEP_DIR/run" --set train.epochs=3 kernels.backend=fused
+'
+
+usage() {
+    echo "usage: bash profiling/gpu_check.sh OUT [--dry-run]" >&2
+    exit 2
+}
+
+OUT=""
+case ${ADAREC_CHECK_DRY_RUN:-0} in "" | 0) DRY=0 ;; *) DRY=1 ;; esac
+for arg in "$@"; do
+    case $arg in
+        --dry-run) DRY=1 ;;
+        -*) usage ;;
+        *) [ -z "$OUT" ] || usage; OUT=$arg ;;
+    esac
+done
+[ -n "$OUT" ] || usage
+
+# OUT is relative to the caller's folder, so it is made absolute before moving to the repository.
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
+cd "$(dirname "$0")/.." || exit 2
+
+export PY=${PYTHON:-python3}
+export ADAREC_COMMIT=${ADAREC_COMMIT:-unknown}
+# The harness refuses to run with it set (it would override the backend under test), and the
+# training steps name their backend explicitly.
+unset ADAREC_KERNELS
+# No network: pip must not try an index or its own version check (which can hang until a timeout).
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+BUDGET=${ADAREC_CHECK_BUDGET:-450}
+ONLY=${ADAREC_CHECK_ONLY:-}
+FAKE=${ADAREC_CHECK_FAKE:-}
+ARCHIVE_MAX=$((16 * 1024 * 1024))
+if [ "$DRY" = 1 ]; then
+    DRY_TIMEOUT=2 KILL_AFTER=1 MIN_LEFT=1
+else
+    KILL_AFTER=10 MIN_LEFT=10
+fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/adarec-gpu-check.XXXX") || exit 2
+: > "$WORK/steps.txt"      # the summary's step lines, finished steps only
+: > "$WORK/left_out.txt"   # files too big for results.tgz
+: > "$OUT/log.txt"
+SECONDS=0
+STARTED=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
+if command -v nvidia-smi > /dev/null 2>&1; then
+    GPU=$(timeout 15 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 4 | paste -sd ';')
+else
+    GPU="none (no nvidia-smi)"
+fi
+PY_VERSION=$("$PY" --version 2>&1)
+
+env_report() {  # the environment step: what the machine brings, before anything is built
+    date -u
+    if command -v nvidia-smi > /dev/null 2>&1; then nvidia-smi; else echo "nvidia-smi: not found"; fi
+    echo "ADAREC_COMMIT=$ADAREC_COMMIT"
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
+triton.__version__, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())"
+    # Each import on its own, so that one missing wheel does not hide the state of the others;
+    # the exit status says whether all of them import.
+    "$PY" -c "
+import importlib, sys
+bad = 0
+for name in ('deepspeed', 'faiss', 'nvtx', 'pytest', 'yaml', 'matplotlib', 'tensorboard', 'numpy', 'tqdm'):
+    try:
+        print(name, getattr(importlib.import_module(name), '__version__', 'imported'))
+    except Exception as err:
+        bad += 1
+        print(name, 'IMPORT ERROR', type(err).__name__, err)
+sys.exit(1 if bad else 0)
+"
+}
+export -f env_report
+
+# What a dry-run step runs instead of its command: the plan, then the fake outcome if one is asked.
+# shellcheck disable=SC2016  # expanded by the step's own shell
+STANDIN='echo "dry run, would run: $STEP_PLAN"
+case $STEP_FAKE in
+    fail) echo "fake failure"; exit 3 ;;
+    timeout) echo "fake hang"; sleep 60 ;;
+esac'
+
+fake_for() {  # fake_for NAME: the outcome ADAREC_CHECK_FAKE asks of step NAME (fail, timeout or empty)
+    local item
+    for item in ${FAKE//,/ }; do
+        [ "${item%%=*}" = "$1" ] && { echo "${item#*=}"; return; }
+    done
+}
+
+selected() {  # selected NAME: whether ADAREC_CHECK_ONLY (empty: every step) names the step
+    [ -z "$ONLY" ] && return 0
+    case " ${ONLY//,/ } " in *" $1 "*) return 0 ;; esac
+    return 1
+}
+
+write_summary() {  # write_summary [LINE]: header, finished steps, LINE (the running step), left-out files
+    {
+        echo "adarec GPU check"
+        echo "started: $STARTED"
+        echo "updated: $(date -u '+%Y-%m-%d %H:%M:%S UTC') (elapsed $SECONDS s, budget $BUDGET s)"
+        echo "commit: $ADAREC_COMMIT"
+        echo "gpu: $GPU"
+        echo "python: $PY_VERSION ($PY)"
+        echo "dry_run: $DRY"
+        [ -n "$ONLY" ] && echo "only: $ONLY"
+        echo
+        cat "$WORK/steps.txt"
+        [ -n "${1-}" ] && echo "$1"
+        if [ -s "$WORK/left_out.txt" ]; then
+            echo
+            echo "left out of results.tgz (too big):"
+            cat "$WORK/left_out.txt"
+        fi
+    } > "$OUT/summary.txt.part" 2>&1
+    mv -f "$OUT/summary.txt.part" "$OUT/summary.txt"
+}
+
+write_archive() {  # results.tgz from the work folder: files over a size limit left out, under 16 MiB
+    local limit size
+    # Lower the per-file limit until the archive fits (traces and logs compress well, so the
+    # first one nearly always does).
+    for limit in 4194304 1048576 262144 65536; do
+        (cd "$WORK" && find . -mindepth 1 \( -type d -o \( -type f -size -$((limit + 1))c \) \) -printf '%P\0' \
+            | tar --null --no-recursion -T - -czf "$OUT/results.tgz.part") > /dev/null 2>&1
+        size=$(stat -c %s "$OUT/results.tgz.part" 2> /dev/null || echo 0)
+        [ "$size" -le "$ARCHIVE_MAX" ] && break
+    done
+    mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"
+    (cd "$WORK" && find . -type f -size +"${limit}"c -printf '%P (%s bytes)\n' | sort) > "$WORK/left_out.all"
+    head -n 20 "$WORK/left_out.all" > "$WORK/left_out.txt"
+    local more=$(($(wc -l < "$WORK/left_out.all") - 20))
+    [ "$more" -gt 0 ] && echo "... and $more more" >> "$WORK/left_out.txt"
+    rm -f "$WORK/left_out.all"
+}
+
+append_log() {  # append_log FILE: a step's output into log.txt, its middle cut when it is huge
+    local file=$1 size
+    size=$(wc -c < "$file")
+    if [ "$size" -le 262144 ]; then
+        cat "$file"
+    else
+        head -c 65536 "$file"
+        printf '\n[... %s bytes left out here; the whole output is in results.tgz ...]\n' "$((size - 262144))"
+        tail -c 196608 "$file"
+    fi >> "$OUT/log.txt"
+    echo >> "$OUT/log.txt"
+}
+
+refresh() {  # refresh: rewrite summary.txt and results.tgz after a step (summary first: it is cheaper)
+    write_summary
+    write_archive
+    write_summary
+}
+
+record() {  # record LINE: one line of the summary's step list
+    echo "$1" >> "$WORK/steps.txt"
+}
+
+STEP_PID=""
+RUNNING=""
+RUNNING_DIR=""
+on_signal() {  # killed from outside (e.g. a time limit): stop the step, keep what it wrote so far
+    trap - TERM INT HUP
+    [ -n "$STEP_PID" ] && kill -TERM "$STEP_PID" 2> /dev/null
+    [ -n "$RUNNING_DIR" ] && [ -f "$RUNNING_DIR/output.txt" ] && append_log "$RUNNING_DIR/output.txt"
+    echo "===== check interrupted by a signal at $SECONDS s while running: ${RUNNING:-nothing}" >> "$OUT/log.txt"
+    record "interrupted at $SECONDS s while running: ${RUNNING:-nothing}"
+    refresh
+    [ "${ADAREC_CHECK_KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"
+    exit 143
+}
+trap on_signal TERM INT HUP
+
+run_step() {  # run_step NAME TIMEOUT COMMAND: run one step in its folder, then refresh OUT
+    local name=$1 limit=$2 cmd=$3
+    local dir="$WORK/$name"
+    mkdir -p "$dir"
+    if ! selected "$name"; then
+        record "step $name skipped (not selected)"
+        return
+    fi
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt "$MIN_LEFT" ]; then
+        record "step $name skipped (budget)"
+        echo "===== step $name skipped (budget): $SECONDS s elapsed of $BUDGET s" >> "$OUT/log.txt"
+        refresh
+        return
+    fi
+    [ "$DRY" = 1 ] && limit=$DRY_TIMEOUT
+    [ "$limit" -gt "$left" ] && limit=$left
+    local shown=${cmd//'$PY'/$PY}
+    shown=${shown//'$STEP_DIR'/$dir}
+    echo "===== step $name (timeout $limit s, at $SECONDS s): $shown" >> "$OUT/log.txt"
+    RUNNING="$name (since $SECONDS s, timeout $limit s)" RUNNING_DIR=$dir
+    write_summary "running: $RUNNING"
+    local start=$SECONDS rc
+    # In the background and waited for, so that a signal to the check is handled at once.
+    if [ "$DRY" = 1 ]; then
+        STEP_PLAN=$shown STEP_FAKE=$(fake_for "$name") \
+            timeout --kill-after="$KILL_AFTER" "$limit" bash -c "$STANDIN" > "$dir/output.txt" 2>&1 < /dev/null &
+    else
+        STEP_DIR=$dir timeout --kill-after="$KILL_AFTER" "$limit" bash -c "$cmd" > "$dir/output.txt" 2>&1 < /dev/null &
+    fi
+    STEP_PID=$!
+    wait "$STEP_PID"
+    rc=$?
+    STEP_PID="" RUNNING="" RUNNING_DIR=""
+    local took=$((SECONDS - start)) note=""
+    case $rc in
+        124) note=" (timed out)" ;;
+        137) note=" (killed after its timeout)" ;;
+    esac
+    append_log "$dir/output.txt"
+    echo "===== step $name: exit $rc after $took s$note" >> "$OUT/log.txt"
+    record "step $name exit $rc seconds $took$note"
+    timeout 30 "$PY" profiling/check_summary.py "$dir" "$name" "$rc" 2>&1 | head -n 12 | sed 's/^/    /' >> "$WORK/steps.txt"
+    refresh
+}
+
+for item in ${FAKE//,/ }; do  # a typo in the fakes would silently test nothing
+    case ${item#*=} in fail | timeout) ;; *) echo "ADAREC_CHECK_FAKE: $item: use NAME=fail or NAME=timeout" >&2; exit 2 ;; esac
+done
+
+echo "===== adarec GPU check, commit $ADAREC_COMMIT, dry run $DRY, work folder $WORK" >> "$OUT/log.txt"
+refresh
+# The table is read on fd 3 so that nothing a step runs can read the rest of it from stdin.
+while read -r -u 3 name limit cmd; do
+    [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
+    run_step "$name" "$limit" "$cmd"
+done 3<<< "$STEPS"
+
+echo "finished after $SECONDS s" >> "$WORK/steps.txt"
+echo "===== check finished after $SECONDS s" >> "$OUT/log.txt"
+refresh
+# The archive holds everything; ADAREC_CHECK_KEEP_WORK=1 keeps the folder for a look on the machine.
+[ "${ADAREC_CHECK_KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"
