@@ -3,7 +3,7 @@
 auto   the fused op where it can run and has been verified, else the eager twin. The native gated
        fusion's C++ CPU path is verified by the CPU test suite. The GPU paths (the Triton
        trajectory compiled for CUDA, the CUDA gated fusion) stay opt-in (`fused`) until a GPU run
-       of the device check (profiling/gpu_suite.sh) has passed them: then GPU_PATHS_VERIFIED
+       of the device check (profiling/gpu_check.sh) has passed them: then GPU_PATHS_VERIFIED
        becomes True. A fallback that costs speed is logged once.
 fused  the fused op, or a clear error saying why it cannot run here. On CPU the Triton kernels
        run only under TRITON_INTERPRET=1 (tests).

@@ -21,6 +21,7 @@ signature of `diffusion_trajectory` is the contract both share.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -89,19 +90,23 @@ def pack_levels(depths: torch.Tensor, max_depth: int | None = None, depth_gradie
 def grid_levels(depths: torch.Tensor, max_depth: int) -> PackedLevels:
     """Every level 0..max_depth of every user: P = B (T_max + 1) pairs, user-major.
 
-    The layout the models train and score with (docs/method.md 2.2, "static shapes"): it depends
+    The layout the models train and score with (docs/method.md 2, "Packed layout"): it depends
     on B and T_max only, so building it reads nothing on the host and every step has the same
     shapes (a CUDA graph can replay it). Levels above a user's depth are computed but carry no
     weight: the depth masks of the fusion are 0 there and `pair_active` (level <= depth, the
     levels that enter L_deno) is False.
     """
-    depths = depths.long()
-    levels = max_depth + 1
-    pair = torch.arange(depths.numel() * levels, device=depths.device)
+    pair_user, pair_level, offsets = _grid(depths.numel(), max_depth + 1, depths.device)
+    return PackedLevels(pair_user, pair_level, offsets, pair_level <= depths.long()[pair_user])
+
+
+@functools.lru_cache(maxsize=16)
+def _grid(batch: int, levels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pair_user, pair_level and offsets of the grid: built once per (B, levels), not per step.
+    Callers must not modify them in place."""
+    pair = torch.arange(batch * levels, device=device)
     pair_user = torch.div(pair, levels, rounding_mode="floor")
-    pair_level = pair - pair_user * levels
-    offsets = torch.arange(depths.numel() + 1, device=depths.device) * levels
-    return PackedLevels(pair_user, pair_level, offsets, pair_level <= depths[pair_user])
+    return pair_user, pair - pair_user * levels, torch.arange(batch + 1, device=device) * levels
 
 
 def sinusoidal_embedding(steps: torch.Tensor, dim: int) -> torch.Tensor:

@@ -42,8 +42,8 @@ def _read_json(path: str) -> dict:
 
 
 def build_ds_config(train_cfg, world_size: int, device: torch.device, autocast: bool = False) -> dict:
-    """autocast: bf16 is done by torch.autocast over fp32 weights (the captured step of
-    train.cuda_graphs), so DeepSpeed itself runs in fp32."""
+    """autocast: bf16 is done by torch.autocast over fp32 weights (train.bf16_mode=autocast, and
+    the captured step of train.cuda_graphs), so DeepSpeed itself runs in fp32."""
     if train_cfg.batch_size % world_size:
         raise ConfigError(f"train.batch_size={train_cfg.batch_size} is not divisible by the "
                           f"{world_size} ranks of this launch")
@@ -62,10 +62,12 @@ def build_ds_config(train_cfg, world_size: int, device: torch.device, autocast: 
         # The throughput timer synchronises the device at the start and end of every step.
         "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
-    if precision == "bf16":
-        # fp32 gradient accumulation selects DeepSpeed's BF16_Optimizer (fp32 master weights, one
-        # global-norm overflow check per step) instead of the unfused bf16 path, which checks
-        # every parameter's gradient for overflow on the host.
+    if precision == "bf16" and int(train_cfg.zero_stage) == 1:
+        # With ZeRO-1, fp32 gradient accumulation selects DeepSpeed's BF16_Optimizer (fp32 master
+        # weights, one global-norm overflow check per step) instead of the unfused bf16 path, which
+        # checks every parameter's gradient on the host. DeepSpeed refuses that mix at stage 0;
+        # there train.bf16_mode=autocast is the sync-free choice (docs/method.md, "The training
+        # step on a GPU").
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     if train_cfg.ds_config:
         config = _deep_merge(config, _read_json(train_cfg.ds_config))

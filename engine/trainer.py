@@ -13,6 +13,7 @@ and early-stopping state, so `--resume` continues exactly where the run stopped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -85,7 +86,10 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.precision, self.device)
         if graphs:
             check_graph_config(cfg.train, self.device, dist.world_size)
-        self.ds_config = build_ds_config(cfg.train, dist.world_size, self.device, autocast=graphs)
+        # bf16 by torch.autocast over fp32 weights (DeepSpeed in fp32), or by DeepSpeed's bf16 engine.
+        autocast = self.precision == "bf16" and (graphs or cfg.train.bf16_mode == "autocast")
+        self.autocast_dtype = torch.bfloat16 if autocast else None
+        self.ds_config = build_ds_config(cfg.train, dist.world_size, self.device, autocast=autocast)
         self.engines, self.graphed = {}, {}
         for name, net in members.items():
             if not resume:
@@ -107,7 +111,7 @@ class Trainer:
             if graphs:
                 # DeepSpeed keeps the module, the optimizer and the checkpoints; the graphs run them.
                 self.graphed[name] = GraphedStep(engine.module, engine.optimizer, grad_clip=cfg.train.grad_clip,
-                                                 autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None)
+                                                 autocast_dtype=self.autocast_dtype)
         self.needs_views = any(net.needs_views for net in members.values())
         from adarec.data import TrainBatchSampler
 
@@ -211,6 +215,11 @@ class Trainer:
                 record.update({self._prefixed(name, k): v for k, v in pop_stats().items()})
         return record
 
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     def active_engines(self) -> dict:
         """The members still training (early stopping has not stopped them)."""
         return {n: e for n, e in self.engines.items() if not self.state.members[n].stopped}
@@ -226,7 +235,7 @@ class Trainer:
                     terms = self.graphed[name](batch)
                 out.update({self._prefixed(name, key): value for key, value in terms.items()})
                 continue
-            with nvtx.phase("forward"):
+            with nvtx.phase("forward"), self._autocast():
                 loss, terms = engine(batch)
             with nvtx.phase("backward"):
                 engine.backward(loss)
@@ -284,9 +293,10 @@ class Trainer:
         cfg = self.cfg.train
         if self.resume:
             self.restore()
-        log.info("training %s on %s: %d users, %d items, %d steps/epoch, device %s, precision %s",
+        how = ("CUDA graphs, autocast" if self.graphed else "autocast") if self.autocast_dtype else "DeepSpeed"
+        log.info("training %s on %s: %d users, %d items, %d steps/epoch, device %s, precision %s (%s)",
                  self.cfg.model.name, self.cfg.data.path, self.split.num_users(), self.split.num_items,
-                 len(self.sampler), self.device, self.precision + (" (autocast, CUDA graphs)" if self.graphed else ""))
+                 len(self.sampler), self.device, self.precision, how)
         while self.state.epochs_done < cfg.epochs and not all(m.stopped for m in self.state.members.values()):
             epoch = self.state.epochs_done + 1
             record = self.train_epoch(epoch - 1)

@@ -3,6 +3,15 @@
 The eager twin and the definition of every quantity is `adarec.diffusion.diffusion_trajectory`;
 this op has the same signature and results (plus a `seed`).
 
+Custom ops. The forward and the backward are registered custom ops,
+`torch.ops.adarec.trajectory_forward` and `torch.ops.adarec.trajectory_backward` (tensors,
+bools and optional tensors in, tensors out; the seed is an int64 tensor [1]), each with a fake
+implementation that gives the outputs' shapes and dtypes without launching a kernel, and the
+forward carries an autograd formula that calls the backward op. So `torch.compile` traces
+through `fused_diffusion_trajectory` without a graph break, each op one opaque node of the graph,
+and both ops pass `torch.library.opcheck`. The row map below is not an op argument: each op
+rebuilds it from its tensor inputs (cheap, and free of host synchronisation).
+
 Work layout. Only valid (non-padding) positions are computed. Users are sorted by depth and
 their valid positions laid end to end as "rows"; a program takes R consecutive rows and walks
 the levels 1..max depth of its rows, so x0 = E^0 is read once per row and, in the backward,
@@ -36,6 +45,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from adarec.profiling.opcount import TRITON_LAUNCH
+from torch.profiler import record_function
 
 NOISE_RNG, NOISE_GIVEN, NOISE_ZERO = 0, 1, 2
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -390,75 +401,155 @@ def _noise_mode(noise, zero_noise) -> int:
     return NOISE_RNG if noise is None else NOISE_GIVEN
 
 
-class FusedTrajectory(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_1m_abar, w1, b1, step_table, w2, b2,
-                noise, seed, zero_noise, loss_weight):
-        batch, length, d = e0.shape
-        h = w1.shape[0]
-        e0 = e0.contiguous()
-        w1, b1, step_table, w2, b2 = (t.contiguous() for t in (w1, b1, step_table, w2, b2))
-        mode = _noise_mode(noise, zero_noise)
-        noise_arg = noise.contiguous() if mode == NOISE_GIVEN else e0
-        layout = _Layout(lengths, pair_user, batch, length, pair_level, loss_weight)
-        loss_w = (torch.ones(pair_user.shape, dtype=torch.float32, device=e0.device) if loss_weight is None
-                  else loss_weight.to(device=e0.device, dtype=torch.float32).contiguous())
-        num_levels = sqrt_abar.numel()
-        cfg = _config(d, h, e0.dtype)
-        grid = (triton.cdiv(layout.max_rows, cfg["R"]),)
-        ehat = torch.zeros((pair_user.numel(), length, d), dtype=e0.dtype, device=e0.device)
-        loss_part = torch.empty(grid[0], dtype=torch.float32, device=e0.device)
-        sa = sqrt_abar.to(device=e0.device, dtype=torch.float32).contiguous()
-        s1m = sqrt_1m_abar.to(device=e0.device, dtype=torch.float32).contiguous()
-        _trajectory_fwd_kernel[grid](
-            e0, noise_arg, seed, layout.row_user, layout.row_pos, layout.num_rows, layout.depth, layout.offsets,
-            sa, s1m, w1, b1, step_table, w2, b2, loss_w, ehat, loss_part, length, d, h, num_levels,
-            NOISE_MODE=mode, **cfg,
-        )
-        loss = loss_part.sum() / layout.noisy_rows
-        ctx.save_for_backward(e0, noise if mode == NOISE_GIVEN else None, seed, sa, s1m, w1, b1, step_table, w2, b2,
-                              loss_w)
-        ctx.layout, ctx.cfg, ctx.mode = layout, cfg, mode
-        ctx.step_dtype, ctx.levels = step_table.dtype, step_table.shape[0]
-        return ehat, loss
+# ----------------------------------------------------------------------------- custom ops
 
-    @staticmethod
-    def backward(ctx, grad_ehat, grad_loss):
-        e0, noise, seed, sa, s1m, w1, b1, step_table, w2, b2, loss_w = ctx.saved_tensors
-        num_levels = sa.numel()
-        layout, cfg, mode = ctx.layout, ctx.cfg, ctx.mode
-        _, length, d = e0.shape
-        h = w1.shape[0]
-        noise_arg = noise if noise is not None else e0
-        grad_ehat = grad_ehat.contiguous()
-        loss_coef = (grad_loss.float() * 2.0 / (d * layout.noisy_rows)).reshape(1)
-        de0 = torch.zeros_like(e0)
-        deps_hat = torch.empty(grad_ehat.shape, dtype=torch.float32, device=e0.device)
-        num_blocks = triton.cdiv(layout.max_rows, cfg["R"])
-        _trajectory_bwd_rows_kernel[(num_blocks,)](
-            e0, noise_arg, seed, layout.row_user, layout.row_pos, layout.num_rows, layout.depth, layout.offsets,
-            sa, s1m, w1, b1, step_table, w2, b2, loss_w, grad_ehat, loss_coef, de0, deps_hat, length, d, h,
-            num_levels, NOISE_MODE=mode, **cfg,
+
+class _Launch:
+    """What the kernels of one call need, rebuilt inside each op from the op's tensor inputs.
+
+    The row map (`_Layout`) and the fp32 copies of the schedule and loss weights are not op
+    inputs or outputs (a custom op passes tensors and scalars only), so the forward and the
+    backward op each rebuild them: a few small device ops, no host synchronisation, and exactly
+    the values the other op built.
+    """
+
+    def __init__(self, e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_1m_abar, w1, b1, step_table, w2, b2,
+                 noise, seed, zero_noise, loss_weight):
+        self.batch, self.length, self.d = e0.shape
+        self.h = w1.shape[0]
+        self.e0 = e0.contiguous()
+        self.w1, self.b1, self.step_table, self.w2, self.b2 = (t.contiguous() for t in (w1, b1, step_table, w2, b2))
+        self.seed = seed.contiguous()
+        self.mode = _noise_mode(noise, zero_noise)
+        self.noise_arg = noise.contiguous() if self.mode == NOISE_GIVEN else self.e0
+        self.layout = _Layout(lengths, pair_user, self.batch, self.length, pair_level, loss_weight)
+        device = e0.device
+        self.loss_w = (torch.ones(pair_user.shape, dtype=torch.float32, device=device) if loss_weight is None
+                       else loss_weight.to(device=device, dtype=torch.float32).contiguous())
+        self.sa = sqrt_abar.to(device=device, dtype=torch.float32).contiguous()
+        self.s1m = sqrt_1m_abar.to(device=device, dtype=torch.float32).contiguous()
+        self.num_levels = sqrt_abar.numel()
+        self.cfg = _config(self.d, self.h, e0.dtype)
+        self.num_blocks = triton.cdiv(self.layout.max_rows, self.cfg["R"])
+
+    def leading_args(self) -> tuple:
+        """The arguments every trajectory kernel starts with: E^0, noise, seed, the row map and
+        the schedule."""
+        layout = self.layout
+        return (self.e0, self.noise_arg, self.seed, layout.row_user, layout.row_pos, layout.num_rows, layout.depth,
+                layout.offsets, self.sa, self.s1m)
+
+
+# The ops' arguments, in order: those of `fused_diffusion_trajectory` with the seed as an int64
+# tensor [1]. `noise` is used only when given and zero_noise is False.
+@torch.library.custom_op("adarec::trajectory_forward", mutates_args=())
+def trajectory_forward(
+    e0: torch.Tensor, lengths: torch.Tensor, pair_user: torch.Tensor, pair_level: torch.Tensor,
+    sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+    step_table: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor,
+    zero_noise: bool, loss_weight: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ehat [P, L, D] in e0's dtype, L_deno: an fp32 scalar); see `fused_diffusion_trajectory`."""
+    run = _Launch(e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar, w1, b1, step_table, w2, b2,
+                  noise, seed, zero_noise, loss_weight)
+    ehat = torch.zeros((pair_user.numel(), run.length, run.d), dtype=e0.dtype, device=e0.device)
+    loss_part = torch.empty(run.num_blocks, dtype=torch.float32, device=e0.device)
+    with record_function(TRITON_LAUNCH + "trajectory_fwd"):
+        _trajectory_fwd_kernel[(run.num_blocks,)](
+            *run.leading_args(), run.w1, run.b1, run.step_table, run.w2, run.b2, run.loss_w, ehat, loss_part,
+            run.length, run.d, run.h, run.num_levels, NOISE_MODE=run.mode, **run.cfg,
         )
-        num_chunks = triton.cdiv(h, cfg["BH"])
-        splits = _weight_splits(e0.device, num_chunks, num_blocks)
-        levels = max(16, triton.next_power_of_2(ctx.levels))
-        f32 = {"dtype": torch.float32, "device": e0.device}
-        dw1 = torch.empty((splits, h, d), **f32)
-        dw2 = torch.empty((splits, d, h), **f32)
-        db1 = torch.empty((splits, h), **f32)
-        db2 = torch.empty((splits, d), **f32)
-        dstep = torch.empty((splits, levels, h), **f32)
+    return ehat, loss_part.sum() / run.layout.noisy_rows
+
+
+@trajectory_forward.register_fake
+def _trajectory_forward_fake(e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar, w1, b1,
+                             step_table, w2, b2, noise, seed, zero_noise, loss_weight):
+    """Shapes and dtypes only: ehat [P, L, D] in e0's dtype and the fp32 scalar loss."""
+    ehat = e0.new_empty((pair_user.shape[0], e0.shape[1], e0.shape[2]))
+    return ehat, e0.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("adarec::trajectory_backward", mutates_args=())
+def trajectory_backward(
+    grad_ehat: torch.Tensor, grad_loss: torch.Tensor, e0: torch.Tensor, lengths: torch.Tensor,
+    pair_user: torch.Tensor, pair_level: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor,
+    w1: torch.Tensor, b1: torch.Tensor, step_table: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+    noise: torch.Tensor | None, seed: torch.Tensor, zero_noise: bool, loss_weight: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dE^0, dW1, db1, d step_table, dW2, db2) of `trajectory_forward`, each in its
+    input's dtype, given the gradients of ehat and of the loss; the noise is regenerated."""
+    run = _Launch(e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar, w1, b1, step_table, w2, b2,
+                  noise, seed, zero_noise, loss_weight)
+    d, h, device = run.d, run.h, e0.device
+    grad_ehat = grad_ehat.contiguous()
+    loss_coef = (grad_loss.float() * 2.0 / (d * run.layout.noisy_rows)).reshape(1)
+    de0 = torch.zeros_like(run.e0)
+    deps_hat = torch.empty(grad_ehat.shape, dtype=torch.float32, device=device)
+    with record_function(TRITON_LAUNCH + "trajectory_bwd_rows"):
+        _trajectory_bwd_rows_kernel[(run.num_blocks,)](
+            *run.leading_args(), run.w1, run.b1, run.step_table, run.w2, run.b2, run.loss_w, grad_ehat, loss_coef, de0,
+            deps_hat, run.length, d, h, run.num_levels, NOISE_MODE=run.mode, **run.cfg,
+        )
+    num_chunks = triton.cdiv(h, run.cfg["BH"])
+    splits = _weight_splits(device, num_chunks, run.num_blocks)
+    step_levels = step_table.shape[0]
+    levels = max(16, triton.next_power_of_2(step_levels))
+    f32 = {"dtype": torch.float32, "device": device}
+    dw1 = torch.empty((splits, h, d), **f32)
+    dw2 = torch.empty((splits, d, h), **f32)
+    db1 = torch.empty((splits, h), **f32)
+    db2 = torch.empty((splits, d), **f32)
+    dstep = torch.empty((splits, levels, h), **f32)
+    with record_function(TRITON_LAUNCH + "trajectory_bwd_weights"):
         _trajectory_bwd_weights_kernel[(num_chunks, splits)](
-            e0, noise_arg, seed, layout.row_user, layout.row_pos, layout.num_rows, layout.depth, layout.offsets,
-            sa, s1m, w1, b1, step_table, w2, deps_hat, dw1, db1, dstep, dw2, db2, length, d, h, num_levels,
-            num_blocks,
-            LEVELS=levels, SPLITS=splits, NOISE_MODE=mode, **cfg,
+            *run.leading_args(), run.w1, run.b1, run.step_table, run.w2, deps_hat, dw1, db1, dstep, dw2, db2,
+            run.length, d, h, run.num_levels, run.num_blocks,
+            LEVELS=levels, SPLITS=splits, NOISE_MODE=run.mode, **run.cfg,
         )
-        wdt = w1.dtype
-        return (de0, None, None, None, None, None, dw1.sum(0).to(wdt), db1.sum(0).to(b1.dtype),
-                dstep.sum(0)[: ctx.levels].to(ctx.step_dtype), dw2.sum(0).to(w2.dtype), db2.sum(0).to(b2.dtype),
-                None, None, None, None)
+    return (de0, dw1.sum(0).to(w1.dtype), db1.sum(0).to(b1.dtype), dstep.sum(0)[:step_levels].to(step_table.dtype),
+            dw2.sum(0).to(w2.dtype), db2.sum(0).to(b2.dtype))
+
+
+@trajectory_backward.register_fake
+def _trajectory_backward_fake(grad_ehat, grad_loss, e0, lengths, pair_user, pair_level, sqrt_abar,
+                              sqrt_one_minus_abar, w1, b1, step_table, w2, b2, noise, seed, zero_noise, loss_weight):
+    """Shapes and dtypes only: one new contiguous gradient per differentiable input, like it."""
+    return tuple(t.new_empty(t.shape) for t in (e0, w1, b1, step_table, w2, b2))
+
+
+def _trajectory_setup_context(ctx, inputs, output) -> None:
+    """Saves the forward's inputs: the backward op rebuilds everything else from them (no
+    activations or noise are stored)."""
+    *tensors, zero_noise, loss_weight = inputs
+    ctx.save_for_backward(*tensors, loss_weight)     # `noise` may be None: save_for_backward keeps it
+    ctx.zero_noise = zero_noise
+
+
+def _trajectory_backward_fn(ctx, grad_ehat, grad_loss):
+    """Gradients of trajectory_forward's inputs: E^0 and the denoiser's weights; the integer
+    layout, the schedule, the noise, the seed and the loss weights get none.
+
+    An output that did not reach the loss arrives as None (under torch.compile) and counts as
+    a zero gradient."""
+    *tensors, loss_weight = ctx.saved_tensors
+    e0 = tensors[0]
+    if grad_ehat is None:
+        grad_ehat = e0.new_zeros((tensors[2].shape[0], *e0.shape[1:]))
+    if grad_loss is None:
+        grad_loss = torch.zeros((), dtype=torch.float32, device=e0.device)
+    de0, dw1, db1, dstep, dw2, db2 = torch.ops.adarec.trajectory_backward(
+        grad_ehat, grad_loss, *tensors, ctx.zero_noise, loss_weight)
+    # In trajectory_forward's argument order: e0, lengths, pair_user, pair_level, sqrt_abar,
+    # sqrt_one_minus_abar, w1, b1, step_table, w2, b2, noise, seed, zero_noise, loss_weight.
+    return de0, None, None, None, None, None, dw1, db1, dstep, dw2, db2, None, None, None, None
+
+
+trajectory_forward.register_autograd(_trajectory_backward_fn, setup_context=_trajectory_setup_context)
+# Under torch.autocast the denoiser's step table arrives in bf16 and E^0 in fp32: the op takes one
+# dtype, and casting to bf16 would round sqrt(abar_k) (0.9999...) to 1, so it runs in fp32.
+for _device_type in ("cpu", "cuda"):
+    torch.library.register_autocast("adarec::trajectory_forward", _device_type, torch.float32)
 
 
 def _as_seed_tensor(seed, generator, device) -> torch.Tensor:
@@ -528,13 +619,17 @@ def fused_diffusion_trajectory(
     0..C_u - 1 contiguous, as `adarec.diffusion.pack_levels` builds them). Noise comes from
     Philox keyed by `seed` (drawn from torch's RNG, or `generator`, when not given) and
     (user, level); `noise` replaces it exactly.
+
+    Checks the inputs here (in Python: under torch.compile they run while tracing, on shapes
+    and dtypes), then calls the custom op `torch.ops.adarec.trajectory_forward`; autograd runs
+    its backward op.
     """
     _check(e0, lengths, pair_user, pair_level, sqrt_abar, w1, step_table, w2, noise)
     if pair_user.numel() == 0:
         return e0.new_zeros((0, *e0.shape[1:])), e0.sum() * 0.0
     seed_t = _as_seed_tensor(seed, generator, e0.device)
-    return FusedTrajectory.apply(e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar, w1, b1,
-                                 step_table, w2, b2, noise, seed_t, zero_noise, loss_weight)
+    return torch.ops.adarec.trajectory_forward(e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar,
+                                               w1, b1, step_table, w2, b2, noise, seed_t, zero_noise, loss_weight)
 
 
 def trajectory_noise(e0: torch.Tensor, lengths: torch.Tensor, pair_user: torch.Tensor, max_level: int,

@@ -5,8 +5,9 @@
     python -m adarec.profiling.bench --config ... --trace        # + a Chrome trace per backend
     python -m adarec.profiling.bench --config ... --trace-summary   # + counts read off a profile
 
-Backends: eager (the eager twins), fused (Triton trajectory + native gated fusion), graphs
-(fused, and train.cuda_graphs: the whole step captured and replayed).
+Backends: eager (the eager twins), fused (Triton trajectory + native gated fusion), autocast
+(fused, with bf16 from torch.autocast instead of DeepSpeed's bf16 optimizer), graphs (fused,
+and train.cuda_graphs: the whole step captured and replayed, autocast bf16).
 
 For each backend it builds the real training path (the DeepSpeed engine(s) of the run config,
 the on-device batch sampler, the model's data-dependent init), runs `--warmup` untimed steps,
@@ -48,11 +49,12 @@ from adarec.config import apply_overrides, load_config
 from adarec.models import scorer
 
 log = logging.getLogger("adarec.bench")
-BACKENDS = ("eager", "fused", "graphs")
+BACKENDS = ("eager", "fused", "autocast", "graphs")
 # What each bench backend sets in the run config.
 BACKEND_SETTINGS = {
     "eager": ["kernels.backend=eager"],
     "fused": ["kernels.backend=fused"],
+    "autocast": ["kernels.backend=fused", "train.bf16_mode=autocast"],
     "graphs": ["kernels.backend=fused", "train.cuda_graphs=true"],
 }
 SYNC_RUNTIME_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ")

@@ -39,17 +39,17 @@ set -u
 # system-wide install because a distribution's python3 may refuse one (PEP 668) and the machine is
 # thrown away afterwards; every later step imports adarec.* through that editable install.
 STEPS='
-environment          15  env_report
+environment          10  env_report
 install             150  PIP_BREAK_SYSTEM_PACKAGES=1 $PY -m pip install --no-build-isolation --no-deps -e .
-kernels              60  $PY -m pytest -q -m gpu tests/test_trajectory_kernel.py
+kernels              50  $PY -m pytest -q -m gpu tests/test_trajectory_kernel.py
 fusion_op            25  $PY -m pytest -q -m gpu tests/test_gated_fusion_op.py
-gpu_tests            35  $PY -m pytest -q -m gpu tests --ignore=tests/test_trajectory_kernel.py --ignore=tests/test_gated_fusion_op.py
+gpu_tests            30  $PY -m pytest -q -m gpu tests --ignore=tests/test_trajectory_kernel.py --ignore=tests/test_gated_fusion_op.py
 bench_trajectory     20  $PY -m adarec.profiling.bench_trajectory --out "$STEP_DIR"
 bench_fusion         15  $PY -m adarec.profiling.bench_fusion --out "$STEP_DIR"
-bench_adarec         50  $PY -m adarec.profiling.bench --config configs/adarec_beauty.yaml --backends eager fused graphs --steps 10 --repeats 3 --trace-summary --out "$STEP_DIR" --set model.kmeans_init=false
-bench_adarec_dual    35  $PY -m adarec.profiling.bench --config configs/adarec-dual_beauty.yaml --backends eager fused graphs --steps 10 --repeats 3 --trace-summary --out "$STEP_DIR" --set model.kmeans_init=false
+bench_adarec         70  $PY -m adarec.profiling.bench --config configs/adarec_beauty.yaml --backends eager fused autocast graphs --steps 10 --repeats 3 --trace-summary --out "$STEP_DIR" --set model.kmeans_init=false
+bench_adarec_dual    40  $PY -m adarec.profiling.bench --config configs/adarec-dual_beauty.yaml --backends eager fused autocast graphs --steps 10 --repeats 3 --trace-summary --out "$STEP_DIR" --set model.kmeans_init=false
 deepspeed_bf16       30  $PY -m adarec train --config configs/adarec_beauty.yaml --output-dir "$STEP_DIR/run" --set train.epochs=1 train.precision=bf16 kernels.backend=fused
-convergence          25  $PY -m adarec train --config configs/adarec_beauty_sparse5.yaml --output-dir "$STEP_DIR/run" --set train.epochs=3 kernels.backend=fused
+convergence          20  $PY -m adarec train --config configs/adarec_beauty_sparse5.yaml --output-dir "$STEP_DIR/run" --set train.epochs=2 kernels.backend=fused
 '
 
 usage() {

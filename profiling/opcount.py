@@ -13,10 +13,17 @@ Counting rules, so that the CPU count stands for the GPU launches:
 - a leaf op is an ATen op with no ATen op inside it, except ops that only make views or
   metadata (view, reshape of a contiguous tensor, transpose, expand, empty, ...), which launch
   nothing;
-- an RNN call (`aten::gru`, `aten::lstm`, ...) counts as one launch: the CPU kernel unrolls over
-  the sequence, cuDNN runs it as one call;
+- an RNN call (`aten::gru`, `aten::lstm`, ...) counts as one launch, and its backward as one
+  more: the CPU kernel unrolls over the sequence, cuDNN runs it as one call; likewise an
+  attention call (`aten::scaled_dot_product_attention`): with a mask and dropout the CPU takes
+  its math path (a dozen ops each way), a GPU one fused kernel each way (flash or
+  memory-efficient attention), and a dropout (`aten::dropout`: bernoulli, scale and multiply on
+  the CPU, one `native_dropout` kernel each way on a GPU); the backward ops of such a call are
+  found through the autograd sequence numbers of the ops inside its forward;
 - an optimizer step (the `optimizer_step` range around it) counts as one launch: a fused
   multi-tensor Adam is one kernel on a GPU, whatever the CPU loop does;
+- a Triton kernel launch (the `triton::<kernel>` range around it) counts as one launch, and
+  what runs inside the range (the interpreter's copies, on a CPU) is not counted;
 - a sync op is `aten::_local_scalar_dense` (`.item()`, `int(t)`, a size read inside
   `repeat_interleave`, ...), `aten::nonzero` (boolean indexing) or `aten::masked_select`,
   counted once at its outermost occurrence and only outside the optimizer step.
@@ -37,8 +44,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 SYNC_OPS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select"})
-RNN_OPS = frozenset({"aten::gru", "aten::lstm", "aten::rnn_tanh", "aten::rnn_relu"})
+# Ops a GPU runs as one fused call each way (module docstring).
+FUSED_OPS = frozenset({"aten::gru", "aten::lstm", "aten::rnn_tanh", "aten::rnn_relu",
+                       "aten::scaled_dot_product_attention", "aten::dropout"})
 OPTIMIZER_RANGE = "optimizer_step"
+# Prefix of the profiler range around each Triton kernel launch (kernels/trajectory.py): the
+# profiler sees no ATen op for a Triton kernel, so the range is what is counted.
+TRITON_LAUNCH = "triton::"
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
 # Ops that create views or read metadata: nothing runs on the device for them.
 NO_LAUNCH = frozenset({
@@ -91,15 +103,15 @@ def _launches_below(event, memo: dict) -> bool:
     return memo[key]
 
 
-def _rnn_backward_roots(events) -> tuple[set[int], int]:
-    """The backward-function events that belong to RNN calls (linked to the forward ops inside an
-    RNN op by their autograd sequence number), and the number of RNN calls that have a backward."""
+def _fused_backward_roots(events) -> tuple[set[int], int]:
+    """The backward-function events that belong to fused calls (linked to the forward ops inside
+    such a call by their autograd sequence number), and the number of calls that have a backward."""
     by_call: dict[int, set[int]] = {}
     for event in events:
         if event.sequence_nr < 0 or not event.name.startswith("aten::"):
             continue
         parent = event.cpu_parent
-        while parent is not None and parent.name not in RNN_OPS:
+        while parent is not None and parent.name not in FUSED_OPS:
             parent = parent.cpu_parent
         if parent is not None:
             by_call.setdefault(id(parent), set()).add(event.sequence_nr)
@@ -115,8 +127,13 @@ def _rnn_backward_roots(events) -> tuple[set[int], int]:
 def count_events(events) -> OpCount:
     """Launches and syncs of a list of profiler FunctionEvents (see the module docstring)."""
     optimizer = _intervals(events, OPTIMIZER_RANGE)
-    rnn_backward, rnn_backward_calls = _rnn_backward_roots(events)
-    counted = OpCount(launches=len(optimizer) + rnn_backward_calls)
+    fused_backward, fused_backward_calls = _fused_backward_roots(events)
+    triton = [e for e in events if e.name.startswith(TRITON_LAUNCH)]
+    counted = OpCount(launches=len(optimizer) + fused_backward_calls + len(triton))
+    for event in triton:
+        counted.leaf_ops[event.name] += 1
+    # Whatever runs inside a Triton range is the launcher's (or, on CPU, the interpreter's) work.
+    optimizer += [(e.time_range.start, e.time_range.end, e.thread) for e in triton]
     memo: dict = {}
     for event in events:
         if not event.name.startswith("aten::") or _inside(event, optimizer):
@@ -126,9 +143,9 @@ def count_events(events) -> OpCount:
             counted.syncs += 1
             top = next((a for a in reversed(ancestors) if a.startswith("aten::")), event.name)
             counted.sync_ops[f"{event.name} (in {top})" if top != event.name else event.name] += 1
-        if any(a in RNN_OPS for a in ancestors) or _under(event, rnn_backward):
+        if any(a in FUSED_OPS for a in ancestors) or _under(event, fused_backward):
             continue
-        if event.name in RNN_OPS or (event.name not in NO_LAUNCH and not _launches_below(event, memo)):
+        if event.name in FUSED_OPS or (event.name not in NO_LAUNCH and not _launches_below(event, memo)):
             counted.launches += 1
             counted.leaf_ops[event.name] += 1
     return counted

@@ -136,7 +136,7 @@ def test_summary_has_the_commit_and_every_step_in_order(dry_run):
 def test_log_shows_every_planned_command(dry_run):
     _, out, _, _ = dry_run
     log = (out / "log.txt").read_text()
-    assert "--backends eager fused graphs" in log
+    assert "--backends eager fused autocast graphs" in log
     for name, _, command in script_steps():
         assert f"===== step {name} (timeout " in log
         shown = re.escape(command.replace("$PY", sys.executable)).replace(re.escape("$STEP_DIR"), r"[^\"\s]+")

@@ -109,6 +109,19 @@ def test_training_step_and_evaluation_batch_do_not_sync(trainers, model):
         assert counted.launches > 20, f"{model} {phase}: the profile recorded nothing"
 
 
+def test_autocast_bf16_step_does_not_sync(tmp_path):
+    """train.bf16_mode=autocast (the sync-free bf16 of one GPU): DeepSpeed in fp32, autocast
+    around the forward; on the CPU too, nothing is read on the host."""
+    trainer = opcount._build_trainer(str(REPO / "configs/adarec_beauty.yaml"),
+                                     [*TINY, "model.kmeans_init=false", "train.precision=bf16",
+                                      "train.bf16_mode=autocast"], tmp_path)
+    assert trainer.autocast_dtype == torch.bfloat16 and not trainer.ds_config["bf16"]["enabled"]
+    counts = opcount.profile_trainer(trainer)
+    assert counts["training step"].syncs == 0, dict(counts["training step"].sync_ops)
+    loss = trainer.train_step(next(iter(trainer.sampler.epoch(1))))["loss"]
+    assert torch.isfinite(loss)
+
+
 def test_the_sync_test_would_catch_a_boolean_selection_in_the_loss(trainers, monkeypatch):
     """Put back the old boolean-selection cross-entropy: the step's profile must show its syncs."""
     import adarec.models.sasrec as sasrec

@@ -427,4 +427,4 @@ def test_a_training_run_on_the_engine_with_the_fused_trajectory(tmp_path, monkey
     assert result["split"] == "test" and 0.0 <= result["NDCG@20"] <= 1.0
     stats = json.loads((tmp_path / "run" / "epochs.jsonl").read_text().splitlines()[0])
     assert all(v == v for v in stats.values() if isinstance(v, float))        # no NaN anywhere
-    assert stats["pairs_computed_frac"] > 0
+    assert stats["pairs_needed_frac"] > 0

@@ -128,7 +128,7 @@ class ADARec(ELCRec):
                 "decision": decision, "l_deno": l_deno}
 
     def _pack(self, decision, last_only: bool) -> PackedLevels:
-        """Every level of every user (a static layout, docs/method.md 2.2); active (entering
+        """Every level of every user (a static layout, docs/method.md 2, "Packed layout"); active (entering
         L_deno) are the levels some position's depth reaches, or for scoring, which reads the
         last position only, that position's levels 0..T_u. Which levels weigh in the fusion and
         which pass the controller a gradient is the per-position depth mask's business."""
@@ -221,7 +221,7 @@ class ADARec(ELCRec):
     def pop_epoch_stats(self) -> dict[str, float | None]:
         """Since the last call: the histogram of the sequence depths T_u (last position), the
         mean router weight per level active at the last position, and two fractions of the
-        B (T_max + 1) (user, level) pairs (all of which are computed, docs/method.md 2.2): active
+        B (T_max + 1) (user, level) pairs (all of which are computed, docs/method.md 2, "Packed layout"): active
         at the last position (what scoring weighs) and needed by some position."""
         if self._stats is None:
             return {}

@@ -15,17 +15,20 @@ from torch import nn
 LAYER_NORM_EPS = 1e-12
 
 
-def attention_mask(input_ids: torch.Tensor) -> torch.Tensor:
+def attention_mask(input_ids: torch.Tensor, causal: torch.Tensor | None = None) -> torch.Tensor:
     """Bool [B, 1, L, L]: True where query i may attend key j (j <= i and key j is an item).
 
     A query with no allowed key (a padding position left of every item) attends to every key
     uniformly, which is what the reference code's additive -10000 mask produces; it keeps those
     rows finite (SDPA returns NaN for an all-False row) and makes padding outputs, which the
     ELCRec representation averages over, match the reference. Real queries never see padding.
+    `causal` is a precomputed lower-triangular [>= L, >= L] bool (its last L rows and columns are
+    used: sequences are left-padded).
     """
     length = input_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
-    allowed = causal & (input_ids > 0)[:, None, None, :]
+    if causal is None:
+        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+    allowed = causal[-length:, -length:] & (input_ids > 0)[:, None, None, :]
     return allowed | ~allowed.any(-1, keepdim=True)
 
 
@@ -72,6 +75,8 @@ class SequenceEncoder(nn.Module):
         )
         self.initializer_range = initializer_range
         self.apply(self._init_weights)
+        # Built once rather than per call: two kernel launches saved on every encode.
+        self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril(), persistent=False)
 
     def _init_weights(self, module: nn.Module) -> None:
         # As the reference code: N(0, 0.02) for Linear and Embedding (the padding row too),
@@ -92,7 +97,7 @@ class SequenceEncoder(nn.Module):
 
     def encode(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the Transformer stack on an embedded sequence; input_ids give the masks."""
-        mask = attention_mask(input_ids)
+        mask = attention_mask(input_ids, self.causal)
         for block in self.blocks:
             x = block(x, mask)
         return x

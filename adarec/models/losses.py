@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +33,15 @@ def ce_next_item_loss(hidden, item_weight, target_pos, target_rows: torch.Tensor
     return F.cross_entropy(logits, flat_target - 1, ignore_index=-1)
 
 
+@functools.lru_cache(maxsize=16)
+def _pair_layout(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the 2n rows of NT-Xent: each row's positive, the self-pair mask and the not-positive
+    mask. They depend on n only, so they are built once per batch size rather than every step."""
+    rows = torch.arange(2 * n, device=device)
+    positive = torch.remainder(rows + n, 2 * n)
+    return positive, rows[:, None] == rows[None, :], positive[:, None] != rows[None, :]
+
+
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 1.0,
             groups: torch.Tensor | None = None) -> torch.Tensor:
     """SimCLR NT-Xent between paired rows of a and b with dot-product logits.
@@ -47,13 +58,12 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 1.0,
     n = a.shape[0]
     x = torch.cat([a, b]).float()
     logits = (x @ x.t()) / temperature
-    rows = torch.arange(2 * n, device=a.device)
-    positive = torch.remainder(rows + n, 2 * n)
+    positive, self_pairs, not_positive = _pair_layout(n, a.device)
     if groups is None:
-        excluded = rows[:, None] == rows[None, :]
+        excluded = self_pairs
     else:
         both = torch.cat([groups, groups])
-        excluded = (both[:, None] == both[None, :]) & (positive[:, None] != rows[None, :])
+        excluded = (both[:, None] == both[None, :]) & not_positive
     logits = torch.where(excluded, float("-inf"), logits)
     return F.cross_entropy(logits, positive)
 
