@@ -22,6 +22,8 @@ The trajectory (`adarec.diffusion.diffusion_trajectory` or its Triton twin) and 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,15 +66,23 @@ def coarse_contrastive_loss(z: torch.Tensor, packed: PackedLevels, depths: torch
         active = torch.zeros(levels, batch, dtype=torch.bool, device=z.device).index_put(
             (packed.pair_level, packed.pair_user), active_pairs)
     logits = torch.bmm(grid[:-1], grid[1:].transpose(1, 2)) / temperature      # [T, B(anchor), B(cand)]
-    logits = logits.masked_fill(~active[1:, None, :], float("-inf"))
-    level = torch.arange(max_depth, device=z.device)[:, None]
+    level, targets = _anchor_constants(max_depth, batch, z.device)
     is_anchor = (level >= depths[None] // 2) & (level <= depths[None] - 1)    # [T, B]
-    # Rows that are not anchors may have no candidate at all; give them finite logits and no weight.
-    logits = torch.where(is_anchor[..., None], logits, torch.zeros_like(logits))
-    targets = torch.arange(batch, device=z.device).repeat(max_depth)
+    # Candidates below the anchor's level + 1 are out (-inf); rows that are not anchors may have no
+    # candidate at all, so theirs get 0 instead: finite logits, and no weight below.
+    out = torch.where(is_anchor[..., None], float("-inf"), 0.0)
+    logits = torch.where(active[1:, None, :], logits, out)
     per_anchor = F.cross_entropy(logits.reshape(-1, batch), targets, reduction="none").view(max_depth, batch)
     weight = is_anchor.float()
     return (per_anchor * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _anchor_constants(max_depth: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_cont's anchor levels [T, 1] and its targets (each anchor's own user) [T B]: they depend on
+    the shapes only, so they are built once, not every step."""
+    return (torch.arange(max_depth, device=device)[:, None],
+            torch.arange(batch, device=device).repeat(max_depth))
 
 
 class ADARec(ELCRec):
@@ -212,6 +222,7 @@ class ADARec(ELCRec):
         s["router_sum"].index_add_(0, packed.pair_level, g[:, -1].double() * last)
         s["router_n"].index_add_(0, packed.pair_level, last)
         s["needed"] += packed.pair_active.double().sum()
+        # On the device, like the rest: a replayed CUDA graph runs no Python (engine/graphed_step.py).
         s["users"] += depths.numel()
 
     def stat_tensors(self) -> list[torch.Tensor]:
@@ -230,9 +241,9 @@ class ADARec(ELCRec):
         # adding into these very tensors.
         for value in self._stats.values():
             value.zero_()
-        if not float(s["users"]):
-            return {}
         users = float(s["users"])
+        if not users:
+            return {}
         out = {f"depth_frac_{k}": float(s["depth"][k]) / users for k in range(self.max_depth + 1)}
         for k in range(self.max_depth + 1):
             n = float(s["router_n"][k])

@@ -91,8 +91,7 @@ class SequenceEncoder(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The sequence embedding E^0 [B, L, D]."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.item_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        x = self.item_embeddings(input_ids) + self.position_embeddings.weight[: input_ids.shape[1]][None]
         return self.embed_dropout(self.embed_norm(x))
 
     def encode(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
