@@ -370,6 +370,18 @@ class _Layout:
             self.noisy_rows = (lengths[pair_user].to(torch.float32) * noisy).sum().clamp_min(1.0)
         self.max_rows = batch * length
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The row map as the forward op returns it and the backward op takes it back."""
+        return self.row_user, self.row_pos, self.num_rows, self.depth, self.offsets, self.noisy_rows
+
+    @classmethod
+    def from_tensors(cls, row_user, row_pos, num_rows, depth, offsets, noisy_rows) -> _Layout:
+        layout = cls.__new__(cls)
+        layout.row_user, layout.row_pos, layout.num_rows = row_user, row_pos, num_rows
+        layout.depth, layout.offsets, layout.noisy_rows = depth, offsets, noisy_rows
+        layout.max_rows = row_user.numel()
+        return layout
+
 
 def _config(d: int, h: int, dtype: torch.dtype) -> dict:
     block_d = max(16, triton.next_power_of_2(d))
@@ -405,16 +417,16 @@ def _noise_mode(noise, zero_noise) -> int:
 
 
 class _Launch:
-    """What the kernels of one call need, rebuilt inside each op from the op's tensor inputs.
+    """What the kernels of one call need, from the op's tensor inputs.
 
-    The row map (`_Layout`) and the fp32 copies of the schedule and loss weights are not op
-    inputs or outputs (a custom op passes tensors and scalars only), so the forward and the
-    backward op each rebuild them: a few small device ops, no host synchronisation, and exactly
-    the values the other op built.
+    The forward op builds the row map (`_Layout`, two dozen small device ops, no host sync) and
+    returns its tensors as extra outputs; the backward op gets them back (`layout`) instead of
+    building it again. The fp32 views of the schedule and loss weights cost nothing when their
+    inputs are fp32 already.
     """
 
     def __init__(self, e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_1m_abar, w1, b1, step_table, w2, b2,
-                 noise, seed, zero_noise, loss_weight):
+                 noise, seed, zero_noise, loss_weight, layout: _Layout | None = None):
         self.batch, self.length, self.d = e0.shape
         self.h = w1.shape[0]
         self.e0 = e0.contiguous()
@@ -422,7 +434,7 @@ class _Launch:
         self.seed = seed.contiguous()
         self.mode = _noise_mode(noise, zero_noise)
         self.noise_arg = noise.contiguous() if self.mode == NOISE_GIVEN else self.e0
-        self.layout = _Layout(lengths, pair_user, self.batch, self.length, pair_level, loss_weight)
+        self.layout = layout or _Layout(lengths, pair_user, self.batch, self.length, pair_level, loss_weight)
         device = e0.device
         self.loss_w = (torch.ones(pair_user.shape, dtype=torch.float32, device=device) if loss_weight is None
                        else loss_weight.to(device=device, dtype=torch.float32).contiguous())
@@ -448,8 +460,11 @@ def trajectory_forward(
     sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
     step_table: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor,
     zero_noise: bool, loss_weight: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ehat [P, L, D] in e0's dtype, L_deno: an fp32 scalar); see `fused_diffusion_trajectory`."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """(ehat [P, L, D] in e0's dtype, L_deno: an fp32 scalar, then the row map for the backward:
+    row_user, row_pos [B L], num_rows [1], depth [B], offsets [B + 1], all int32, and the fp32
+    count of rows in L_deno); see `fused_diffusion_trajectory`."""
     run = _Launch(e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar, w1, b1, step_table, w2, b2,
                   noise, seed, zero_noise, loss_weight)
     ehat = torch.zeros((pair_user.numel(), run.length, run.d), dtype=e0.dtype, device=e0.device)
@@ -459,15 +474,19 @@ def trajectory_forward(
             *run.leading_args(), run.w1, run.b1, run.step_table, run.w2, run.b2, run.loss_w, ehat, loss_part,
             run.length, run.d, run.h, run.num_levels, NOISE_MODE=run.mode, **run.cfg,
         )
-    return ehat, loss_part.sum() / run.layout.noisy_rows
+    return ehat, loss_part.sum() / run.layout.noisy_rows, *run.layout.tensors()
 
 
 @trajectory_forward.register_fake
 def _trajectory_forward_fake(e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar, w1, b1,
                              step_table, w2, b2, noise, seed, zero_noise, loss_weight):
-    """Shapes and dtypes only: ehat [P, L, D] in e0's dtype and the fp32 scalar loss."""
-    ehat = e0.new_empty((pair_user.shape[0], e0.shape[1], e0.shape[2]))
-    return ehat, e0.new_empty((), dtype=torch.float32)
+    """Shapes and dtypes only: ehat [P, L, D] in e0's dtype, the fp32 scalar loss, the row map."""
+    batch, length, d = e0.shape
+    ehat = e0.new_empty((pair_user.shape[0], length, d))
+    i32 = {"dtype": torch.int32}
+    return (ehat, e0.new_empty((), dtype=torch.float32), e0.new_empty((batch * length,), **i32),
+            e0.new_empty((batch * length,), **i32), e0.new_empty((1,), **i32), e0.new_empty((batch,), **i32),
+            e0.new_empty((batch + 1,), **i32), e0.new_empty((), dtype=torch.float32))
 
 
 @torch.library.custom_op("adarec::trajectory_backward", mutates_args=())
@@ -476,11 +495,15 @@ def trajectory_backward(
     pair_user: torch.Tensor, pair_level: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor,
     w1: torch.Tensor, b1: torch.Tensor, step_table: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
     noise: torch.Tensor | None, seed: torch.Tensor, zero_noise: bool, loss_weight: torch.Tensor | None,
+    row_user: torch.Tensor, row_pos: torch.Tensor, num_rows: torch.Tensor, depth: torch.Tensor,
+    offsets: torch.Tensor, noisy_rows: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dE^0, dW1, db1, d step_table, dW2, db2) of `trajectory_forward`, each in its
-    input's dtype, given the gradients of ehat and of the loss; the noise is regenerated."""
+    input's dtype, given the gradients of ehat and of the loss, the forward's inputs and the row
+    map it returned; the noise is regenerated."""
+    layout = _Layout.from_tensors(row_user, row_pos, num_rows, depth, offsets, noisy_rows)
     run = _Launch(e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar, w1, b1, step_table, w2, b2,
-                  noise, seed, zero_noise, loss_weight)
+                  noise, seed, zero_noise, loss_weight, layout)
     d, h, device = run.d, run.h, e0.device
     grad_ehat = grad_ehat.contiguous()
     loss_coef = (grad_loss.float() * 2.0 / (d * run.layout.noisy_rows)).reshape(1)
@@ -513,33 +536,39 @@ def trajectory_backward(
 
 @trajectory_backward.register_fake
 def _trajectory_backward_fake(grad_ehat, grad_loss, e0, lengths, pair_user, pair_level, sqrt_abar,
-                              sqrt_one_minus_abar, w1, b1, step_table, w2, b2, noise, seed, zero_noise, loss_weight):
+                              sqrt_one_minus_abar, w1, b1, step_table, w2, b2, noise, seed, zero_noise, loss_weight,
+                              *row_map):
     """Shapes and dtypes only: one new contiguous gradient per differentiable input, like it."""
     return tuple(t.new_empty(t.shape) for t in (e0, w1, b1, step_table, w2, b2))
 
 
 def _trajectory_setup_context(ctx, inputs, output) -> None:
-    """Saves the forward's inputs: the backward op rebuilds everything else from them (no
-    activations or noise are stored)."""
+    """Saves the forward's inputs and its row map: the backward op recomputes the activations
+    and regenerates the noise from them (neither is stored)."""
     *tensors, zero_noise, loss_weight = inputs
-    ctx.save_for_backward(*tensors, loss_weight)     # `noise` may be None: save_for_backward keeps it
+    row_map = output[2:]
+    ctx.mark_non_differentiable(*row_map)
+    ctx.save_for_backward(*tensors, loss_weight, *row_map)     # `noise` may be None: save_for_backward keeps it
     ctx.zero_noise = zero_noise
+    ctx.row_map_size = len(row_map)
 
 
-def _trajectory_backward_fn(ctx, grad_ehat, grad_loss):
+def _trajectory_backward_fn(ctx, grad_ehat, grad_loss, *row_map_grads):
     """Gradients of trajectory_forward's inputs: E^0 and the denoiser's weights; the integer
     layout, the schedule, the noise, the seed and the loss weights get none.
 
     An output that did not reach the loss arrives as None (under torch.compile) and counts as
     a zero gradient."""
-    *tensors, loss_weight = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    *tensors, loss_weight = saved[: -ctx.row_map_size]
+    row_map = saved[-ctx.row_map_size:]
     e0 = tensors[0]
     if grad_ehat is None:
         grad_ehat = e0.new_zeros((tensors[2].shape[0], *e0.shape[1:]))
     if grad_loss is None:
         grad_loss = torch.zeros((), dtype=torch.float32, device=e0.device)
     de0, dw1, db1, dstep, dw2, db2 = torch.ops.adarec.trajectory_backward(
-        grad_ehat, grad_loss, *tensors, ctx.zero_noise, loss_weight)
+        grad_ehat, grad_loss, *tensors, ctx.zero_noise, loss_weight, *row_map)
     # In trajectory_forward's argument order: e0, lengths, pair_user, pair_level, sqrt_abar,
     # sqrt_one_minus_abar, w1, b1, step_table, w2, b2, noise, seed, zero_noise, loss_weight.
     return de0, None, None, None, None, None, dw1, db1, dstep, dw2, db2, None, None, None, None
@@ -628,8 +657,10 @@ def fused_diffusion_trajectory(
     if pair_user.numel() == 0:
         return e0.new_zeros((0, *e0.shape[1:])), e0.sum() * 0.0
     seed_t = _as_seed_tensor(seed, generator, e0.device)
-    return torch.ops.adarec.trajectory_forward(e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar,
-                                               w1, b1, step_table, w2, b2, noise, seed_t, zero_noise, loss_weight)
+    ehat, loss, *_row_map = torch.ops.adarec.trajectory_forward(
+        e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar, w1, b1, step_table, w2, b2, noise,
+        seed_t, zero_noise, loss_weight)
+    return ehat, loss
 
 
 def trajectory_noise(e0: torch.Tensor, lengths: torch.Tensor, pair_user: torch.Tensor, max_level: int,

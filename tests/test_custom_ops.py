@@ -97,11 +97,12 @@ def trajectory_args(problem, noise_mode, requires_grad=True):
 
 
 def trajectory_backward_args(problem, noise_mode):
-    """trajectory_backward's 17 arguments: the gradients of (ehat, loss), then the forward's."""
+    """trajectory_backward's 23 arguments: the gradients of (ehat, loss), the forward's
+    arguments, then the row map the forward returned."""
     args = trajectory_args(problem, noise_mode, requires_grad=False)
-    ehat, _ = torch.ops.adarec.trajectory_forward(*args)
+    ehat, _, *row_map = torch.ops.adarec.trajectory_forward(*args)
     grad_ehat = torch.randn(ehat.shape, generator=torch.Generator().manual_seed(5)).to(ehat)
-    return [grad_ehat, torch.tensor(1.5, device=ehat.device), *args]
+    return [grad_ehat, torch.tensor(1.5, device=ehat.device), *args, *row_map]
 
 
 # ----------------------------------------------------------------------------- opcheck
