@@ -61,7 +61,9 @@ class GraphedStep:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         device_type = next(self.module.parameters()).device.type
-        return torch.autocast(device_type, dtype=self.autocast_dtype)
+        # No cast cache: cached bf16 copies of the weights made during capture would be stale
+        # at replay after the optimizer step (CUDA graphs must run autocast uncached).
+        return torch.autocast(device_type, dtype=self.autocast_dtype, cache_enabled=False)
 
     def _step(self, inputs: dict) -> dict[str, torch.Tensor]:
         with self._autocast():
