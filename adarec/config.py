@@ -105,8 +105,14 @@ class ModelConfig:
     depth_gradient: str = "probe"
     """ADARec: how the depth controller learns to go deeper (docs/method.md 2.1). probe: also compute
     level T_u + 1 with forward weight 0 and a straight-through mask, so the loss says what one more
-    level would do (one extra level per user); all: compute every level up to T_max (ablation);
-    none: only levels <= T_u, which gives no gradient towards deeper levels."""
+    level would do (one extra level per user); all: every level up to T_max (ablation); none: only
+    levels <= T_u, which gives no gradient towards deeper levels. (The grid layout computes every
+    level in all three modes; the mode decides which carry a gradient.)"""
+    level_layout: str = "auto"
+    """ADARec: which (user, level) pairs a batch computes (docs/method.md 2, "Packed layout").
+    grid: every level 0..T_max of every user, shapes fixed by B and T_max (no host sync, CUDA
+    graphs); compact: only the levels the depths call for (fewer rows, but their number is read on
+    the host); auto: grid on CUDA, compact on the CPU, where a host read costs nothing."""
     eval_noise: str = "zero"
     """ADARec: the trajectory at evaluation (docs/method.md 2.2). zero: eps = 0, each level
     reconstructs from sqrt(abar_k) E^0; fixed: one fixed-seed Gaussian draw per (level, position,
@@ -450,6 +456,7 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
         need(getattr(m, key) >= 0, f"model.{key}", "must be >= 0")
     need(m.cont_temperature > 0, "model.cont_temperature", "must be > 0")
     choice("model.depth_gradient", ("probe", "all", "none"))
+    choice("model.level_layout", ("auto", "grid", "compact"))
     choice("model.eval_noise", ("zero", "fixed", "clean"))
     need(0.0 < m.crop_ratio <= 1.0, "model.crop_ratio", "must be in (0, 1]")
     for key in ("mask_ratio", "reorder_ratio"):

@@ -28,7 +28,9 @@ Counting rules, so that the CPU count stands for the GPU launches:
   `repeat_interleave`, ...), `aten::nonzero` (boolean indexing) or `aten::masked_select`,
   counted once at its outermost occurrence and only outside the optimizer step.
 
-Prints one table (training step and evaluation batch: launches, syncs, the sync ops by name);
+The step is built as on a GPU (the static level grid of ADARec, `model.level_layout=grid`) but
+on the CPU in fp32. Prints one table (training step and evaluation batch: launches, syncs, the
+sync ops by name);
 `--top N` adds the N most frequent leaf ops. `count_ops(fn)` is what the sync test uses.
 """
 
@@ -179,7 +181,9 @@ def _build_trainer(config: str, overrides: list[str], run_dir: Path):
 
     from adarec.config import apply_overrides, load_config
 
-    cfg = apply_overrides(load_config(config), ["train.device=cpu", "train.precision=fp32", *overrides])
+    # The GPU's level layout (model.level_layout=auto would pick the compact one on the CPU).
+    base = ["train.device=cpu", "train.precision=fp32", "model.level_layout=grid"]
+    cfg = apply_overrides(load_config(config), [*base, *overrides])
     dist = setup_distributed(cfg.train.device)
     split = load_split(cfg, dist.device)
     return Trainer(cfg, run_dir, dist, split, resume=False)

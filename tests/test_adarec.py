@@ -295,10 +295,10 @@ def test_prefix_mean_is_the_mean_of_the_items_seen_so_far():
 
 @pytest.mark.parametrize("mode", ["none", "probe", "all"])
 def test_every_level_is_computed_and_active_follows_the_depth(monkeypatch, mode):
-    """Whatever the depth-gradient mode, training and scoring compute the static grid of levels
-    0..T_max for every user (shapes never depend on the depths); the active levels (those in
-    L_deno) are 0..T_u."""
-    model = make_model(depth_gradient=mode).train()
+    """model.level_layout=grid: whatever the depth-gradient mode, training and scoring compute the
+    static grid of levels 0..T_max for every user (shapes never depend on the depths); the
+    active levels (those in L_deno) are 0..T_u."""
+    model = make_model(depth_gradient=mode, level_layout="grid").train()
     ids = batch_for()["input_ids"]
     depths = [0, 2, 1, 3, 0]
     patch_controller(monkeypatch, model, fixed_decision(depths))
@@ -317,21 +317,52 @@ def test_every_level_is_computed_and_active_follows_the_depth(monkeypatch, mode)
     assert rows_encoded == [len(depths) * levels] * 2
 
 
-def test_levels_follow_the_deepest_prefix_in_training_and_the_last_one_for_scoring(monkeypatch):
-    """Per-prefix depths: in training the active levels are those some item position reaches; in
-    scoring those of the last position, and h at the last position is the same either way."""
+@pytest.mark.parametrize(("mode", "levels"), [("none", [1, 3, 2, 4, 1]), ("probe", [2, 4, 3, 4, 2]),
+                                              ("all", [4, 4, 4, 4, 4])])
+def test_compact_layout_builds_the_levels_each_mode_needs(monkeypatch, mode, levels):
+    """model.level_layout=compact: none builds levels 0..T_u; probe adds T_u + 1 (none above
+    T_max); all builds 0..T_max. Evaluation never builds more than 0..T_u."""
+    model = make_model(depth_gradient=mode, level_layout="compact").train()
+    ids = batch_for()["input_ids"]
+    depths = [0, 2, 1, 3, 0]
+    patch_controller(monkeypatch, model, fixed_decision(depths))
+    rows_encoded = []
+    encode = model.encoder.encode
+    monkeypatch.setattr(model.encoder, "encode", lambda x, i: rows_encoded.append(x.shape[0]) or encode(x, i))
+    packed = model.user_representation(ids)["packed"]
+    for u, t in enumerate(depths):
+        rows = slice(int(packed.offsets[u]), int(packed.offsets[u + 1]))
+        assert packed.pair_user[rows].tolist() == [u] * levels[u]
+        assert packed.pair_level[rows].tolist() == list(range(levels[u]))
+        assert packed.pair_active[rows].tolist() == [k <= t for k in range(levels[u])]
+    assert rows_encoded == [sum(levels)]
+    model.eval()
+    assert model.user_representation(ids, last_only=True)["packed"].num_pairs == sum(depths) + len(depths)
+
+
+@pytest.mark.parametrize("layout", ["grid", "compact"])
+def test_levels_follow_the_deepest_prefix_in_training_and_the_last_one_for_scoring(monkeypatch, layout):
+    """Per-prefix depths: in training the active levels are those some item position reaches
+    (the compact layout builds those and the probe above them); in scoring those of the last
+    position, and h at the last position is the same either way."""
     ids = batch_for()["input_ids"]
     depths = torch.zeros(5, MAX_LEN, dtype=torch.long)
     depths[0] = torch.tensor([1, 0, 2, 0, 1, 0, 0, 1])      # deepest prefix 2, last position 1
     depths[3, -5:] = torch.tensor([0, 3, 1, 0, 0])           # deepest prefix 3, last position 0
-    model = make_model(depth_gradient="probe").train()
+    model = make_model(depth_gradient="probe", level_layout=layout).train()
     patch_controller(monkeypatch, model, fixed_decision(depths))
+
+    def per_user(packed, values):
+        return torch.zeros(5).index_add_(0, packed.pair_user, values.float()).long().tolist()
+
     packed = model.user_representation(ids)["packed"]
-    assert packed.pair_active.view(5, T_MAX + 1).sum(1).tolist() == [3, 1, 1, 4, 1]
+    assert per_user(packed, packed.pair_active) == [3, 1, 1, 4, 1]
+    computed = [T_MAX + 1] * 5 if layout == "grid" else [4, 2, 2, 4, 2]
+    assert per_user(packed, torch.ones_like(packed.pair_user)) == computed
     model.eval()
     full = model.user_representation(ids)
     last = model.user_representation(ids, last_only=True)
-    assert last["packed"].pair_active.view(5, T_MAX + 1).sum(1).tolist() == [2, 1, 1, 1, 1]
+    assert per_user(last["packed"], last["packed"].pair_active) == [2, 1, 1, 1, 1]
     torch.testing.assert_close(last["h"][:, -1], full["h"][:, -1], rtol=0, atol=0)
 
 
@@ -423,13 +454,15 @@ def test_without_the_probe_no_gradient_pushes_deeper_and_with_it_one_does(monkey
             torch.testing.assert_close(probe[u, i, :t], none[u, i, :t], rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("layout", ["compact", "grid"])
 @pytest.mark.parametrize("backend", ["eager", "fused"])
-def test_probe_and_all_leave_every_forward_value_bit_exact(backend):
+def test_probe_and_all_leave_every_forward_value_bit_exact(backend, layout):
     """The modes differ in gradients only: h and every loss term are the same bits (L_deno within
-    rounding), on the eager path and on the fused kernels (the Triton interpreter on CPU)."""
+    rounding: the compact layout sums it over different rows), on the eager path and on the fused
+    kernels (the Triton interpreter on CPU), on both layouts."""
     results = {}
     for mode in ("none", "probe", "all"):
-        model = make_model(depth_gradient=mode, backend=backend).train()
+        model = make_model(depth_gradient=mode, backend=backend, level_layout=layout).train()
         torch.manual_seed(3)
         h = model.user_representation(batch_for()["input_ids"])["h"]
         torch.manual_seed(3)
@@ -444,8 +477,15 @@ def test_probe_and_all_leave_every_forward_value_bit_exact(backend):
         for key in terms:
             if key != "deno":
                 assert torch.equal(terms_m[key], terms[key]), (mode, key)
-        # The statistics count active levels only.
-        assert stats_m == stats, mode
+        # The statistics count active levels only; on the compact layout only the computed
+        # fraction grows (the grid computes everything in every mode).
+        for key in stats:
+            if key != "pairs_computed_frac":
+                assert stats_m[key] == stats[key], (mode, key)
+        if layout == "grid":
+            assert stats_m["pairs_computed_frac"] == stats["pairs_computed_frac"] == 1.0
+        else:
+            assert stats_m["pairs_computed_frac"] > stats["pairs_computed_frac"]
 
 
 def test_epoch_statistics_against_hand_counts(monkeypatch):
@@ -462,6 +502,7 @@ def test_epoch_statistics_against_hand_counts(monkeypatch):
     assert [stats[f"depth_frac_{k}"] for k in range(T_MAX + 1)] == pytest.approx([0.4, 0.2, 0.2, 0.2])
     assert stats["pairs_active_frac"] == pytest.approx(11 / 20)          # sum (T_u + 1) / (B (T_max + 1))
     assert stats["pairs_needed_frac"] == pytest.approx(11 / 20)          # one depth at every position
+    assert stats["pairs_computed_frac"] == pytest.approx(15 / 20)        # + one probe level below T_max
     for k in range(T_MAX + 1):
         values = [float(g[p]) for packed, g in g_last for p in range(packed.num_pairs)
                   if packed.pair_level[p] == k and packed.pair_active[p]]
@@ -502,7 +543,8 @@ def test_loss_terms_match_independent_references(monkeypatch):
     assert base == pytest.approx(float(bce), rel=1e-5)
 
     cont, *_ = loss_with(lambda_cont=1.0)
-    cont_want, _ = cont_ref(out["coarse"][:, -1].detach().double(), depths, levels=T_MAX + 1)
+    grid = out["packed"].num_pairs == len(depths) * (T_MAX + 1)
+    cont_want, _ = cont_ref(out["coarse"][:, -1].detach().double(), depths, levels=T_MAX + 1 if grid else None)
     assert cont - base == pytest.approx(float(cont_want), rel=1e-4)
 
     expl, *_ = loss_with(lambda_expl=1.0)

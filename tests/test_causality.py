@@ -97,12 +97,14 @@ def test_adarec_dual_experts_are_causal_on_both_paths():
         assert_causal(outputs, perturbation_ids())
 
 
+@pytest.mark.parametrize("layout", ["compact", "grid"])
 @pytest.mark.parametrize("backend", ["eager", "fused"])
 @pytest.mark.parametrize("mode", ["probe", "all", "none"])
-def test_adarec_is_causal_with_its_own_controller(backend, mode):
+def test_adarec_is_causal_with_its_own_controller(backend, mode, layout):
     """Nothing held fixed: the per-prefix depths, the packed levels they call for, the
-    trajectory and the fusion together keep every earlier output bit-identical."""
-    model = make_model(backend=backend, depth_gradient=mode).train()
+    trajectory and the fusion together keep every earlier output bit-identical, on both level
+    layouts."""
+    model = make_model(backend=backend, depth_gradient=mode, level_layout=layout).train()
     with torch.no_grad():
         model.controller.head.weight.normal_(0, 1.0)        # depths that vary along the sequence
     ids = perturbation_ids()

@@ -9,8 +9,10 @@ import torch
 from adarec.profiling import opcount
 
 REPO = Path(__file__).resolve().parents[1]
+# model.level_layout=grid is the layout a GPU runs (auto picks compact on the CPU, where a host
+# read is free); _build_trainer sets it too, spelled out here because these tests depend on it.
 TINY = ["data.max_users=120", "model.hidden_size=16", "model.num_layers=1", "model.num_intent_clusters=4",
-        "model.max_depth=3", "train.batch_size=32", "eval.batch_size=32"]
+        "model.max_depth=3", "train.batch_size=32", "eval.batch_size=32", "model.level_layout=grid"]
 
 
 # -- the counter ---------------------------------------------------------------------------------
@@ -95,7 +97,7 @@ def test_counter_counts_the_optimizer_range_once_and_ignores_its_syncs():
 def trainers(tmp_path_factory):
     built = {}
     for model in ("adarec", "adarec-dual", "elcrec", "sasrec"):
-        overrides = [*TINY, "model.kmeans_init=false"] if model != "sasrec" else TINY[:3] + TINY[5:]
+        overrides = [*TINY, "model.kmeans_init=false"] if model != "sasrec" else [*TINY[:3], *TINY[5:]]
         config = REPO / f"configs/{model}_beauty.yaml"
         built[model] = opcount._build_trainer(str(config), overrides, tmp_path_factory.mktemp(model))
     return built

@@ -1,8 +1,8 @@
 """ADARec as the paper describes it (docs/method.md section 2), reference (eager) path.
 
 E^0 from the ELCRec backbone -> Adaptive Depth Controller (a depth per user and prefix; the last
-position's is the sequence's T_u) -> packed (user, level) pairs, the whole static grid of levels
-0..T_max (the per-position depth masks decide what each weighs) -> Hierarchical Diffusion
+position's is the sequence's T_u) -> packed (user, level) pairs (on a GPU the whole static grid of
+levels 0..T_max; the per-position depth masks decide what each weighs) -> Hierarchical Diffusion
 Augmentation (one-shot reconstruction at every computed level) -> HP-MoE: the backbone
 Transformer as fine expert on the packed batch, an MLP coarse expert and a content-aware router
 on the *prefix* pools of each level, the gated fusion per position with per-position depth
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adarec.backends import fusion_function, trajectory_function
-from adarec.diffusion import Denoiser, PackedLevels, grid_levels, level_tables
+from adarec.diffusion import Denoiser, PackedLevels, grid_levels, level_tables, pack_levels
 from adarec.profiling import nvtx
 
 from .controller import DepthController
@@ -94,6 +94,7 @@ class ADARec(ELCRec):
         hidden, depth = cfg.hidden_size, cfg.max_depth
         self.max_depth = depth
         self.depth_gradient = cfg.depth_gradient
+        self.level_layout = cfg.level_layout
         self.eval_noise = cfg.eval_noise
         self.lambda_deno, self.lambda_cont, self.lambda_expl = cfg.lambda_deno, cfg.lambda_cont, cfg.lambda_expl
         self.cont_temperature = cfg.cont_temperature
@@ -138,11 +139,17 @@ class ADARec(ELCRec):
                 "decision": decision, "l_deno": l_deno}
 
     def _pack(self, decision, last_only: bool) -> PackedLevels:
-        """Every level of every user (a static layout, docs/method.md 2, "Packed layout"); active (entering
-        L_deno) are the levels some position's depth reaches, or for scoring, which reads the
-        last position only, that position's levels 0..T_u. Which levels weigh in the fusion and
-        which pass the controller a gradient is the per-position depth mask's business."""
-        return grid_levels(decision.sequence_depths if last_only else decision.top_depths(), self.max_depth)
+        """The (user, level) pairs to compute (docs/method.md 2, "Packed layout"). Active (entering
+        L_deno) are the levels some position's depth reaches, or for scoring, which reads the last
+        position only, that position's levels 0..T_u. The grid computes every level; the compact
+        layout only the active ones, plus in training the depth-gradient mode's extra levels.
+        Which levels weigh in the fusion and which pass the controller a gradient is the
+        per-position depth mask's business either way."""
+        depths = decision.sequence_depths if last_only else decision.top_depths()
+        grid = self.level_layout == "grid" or (self.level_layout == "auto" and depths.is_cuda)
+        if grid:
+            return grid_levels(depths, self.max_depth)
+        return pack_levels(depths, self.max_depth, self.depth_gradient if self.training else "none")
 
     def _trajectory(self, e0: torch.Tensor, input_ids: torch.Tensor,
                     packed: PackedLevels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +220,7 @@ class ADARec(ELCRec):
             # Plain float64 tensors, not buffers: a bf16 engine must not cast the counters.
             zeros = torch.zeros(levels, dtype=torch.float64, device=depths.device)
             self._stats = {"depth": zeros.clone(), "router_sum": zeros.clone(), "router_n": zeros.clone(),
-                           "needed": zeros.new_zeros(()), "users": zeros.new_zeros(())}
+                           "needed": zeros.new_zeros(()), "pairs": zeros.new_zeros(()), "users": zeros.new_zeros(())}
         s = self._stats
         last = active_last.double()
         # index_add_ rather than bincount: bincount sizes its output from the data (a host sync).
@@ -222,6 +229,7 @@ class ADARec(ELCRec):
         s["router_sum"].index_add_(0, packed.pair_level, g[:, -1].double() * last)
         s["router_n"].index_add_(0, packed.pair_level, last)
         s["needed"] += packed.pair_active.double().sum()
+        s["pairs"] += packed.num_pairs
         # On the device, like the rest: a replayed CUDA graph runs no Python (engine/graphed_step.py).
         s["users"] += depths.numel()
 
@@ -231,9 +239,9 @@ class ADARec(ELCRec):
 
     def pop_epoch_stats(self) -> dict[str, float | None]:
         """Since the last call: the histogram of the sequence depths T_u (last position), the
-        mean router weight per level active at the last position, and two fractions of the
-        B (T_max + 1) (user, level) pairs (all of which are computed, docs/method.md 2, "Packed layout"): active
-        at the last position (what scoring weighs) and needed by some position."""
+        mean router weight per level active at the last position, and three fractions of the
+        B (T_max + 1) (user, level) pairs (docs/method.md 2, "Packed layout"): active at the last
+        position (what scoring weighs), needed by some position, and computed."""
         if self._stats is None:
             return {}
         s = {k: v.to("cpu", copy=True) for k, v in self._stats.items()}
@@ -251,4 +259,5 @@ class ADARec(ELCRec):
         grid = users * (self.max_depth + 1)
         out["pairs_active_frac"] = float(s["router_n"].sum()) / grid
         out["pairs_needed_frac"] = float(s["needed"]) / grid
+        out["pairs_computed_frac"] = float(s["pairs"]) / grid
         return out
