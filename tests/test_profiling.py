@@ -56,9 +56,12 @@ def test_trace_summary_reduces_a_profile_to_per_step_counts(tmp_path, monkeypatc
     the same launch count as counting one step directly."""
     monkeypatch.delenv("ADAREC_KERNELS", raising=False)
     out = tmp_path / "bench"
+    # The level grid is what a GPU runs (on the CPU model.level_layout=auto picks the compact
+    # layout, whose size is read on the host).
     rows = bench.main(["--config", str(REPO / "configs/adarec_beauty.yaml"), "--set", *TINY,
-                       "--backends", "eager", "--warmup", "1", "--steps", "1", "--repeats", "1",
-                       "--eval-repeats", "0", "--trace-summary", "--trace-steps", "2", "--out", str(out)])
+                       "model.level_layout=grid", "--backends", "eager", "--warmup", "1", "--steps", "1",
+                       "--repeats", "1", "--eval-repeats", "0", "--trace-summary", "--trace-steps", "2",
+                       "--out", str(out)])
     summary = json.loads((out / "trace_summary_eager.json").read_text())
     assert summary["syncs_per_step"] == 0 and summary["sync_ops"] == {}
     assert rows[0]["launches_per_step"] == summary["launches_per_step"] > 50
