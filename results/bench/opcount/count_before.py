@@ -1,36 +1,55 @@
-"""Launch/sync counts of the code before the sync-free step, with the new counter's rules."""
-import sys, tempfile, types
+"""Launches and syncs of the code of commit 51066e0 (before Trainer.train_step existed), counted
+with the current rules of profiling/opcount.py.
+
+Run from a worktree of 51066e0 in which adarec/kernels, adarec/engine and adarec/profiling link
+to ../kernels, ../engine and ../profiling, with the current profiling/opcount.py copied there as
+profiling/opcount_new.py and the extension built in place:
+
+    cd /tmp/base && PYTHONPATH=/tmp/base python count_before.py configs/adarec_beauty.yaml model.kmeans_init=false
+
+The old step (every member: forward, DeepSpeed backward, step) and evaluation batch are
+re-created here as the two methods the counter calls.
+"""
+
+import sys
+import tempfile
 from pathlib import Path
-sys.path.insert(0, "/tmp/base")
-import torch
+
+from adarec.engine import trainer as trainer_module
+from adarec.profiling import opcount_new as opcount
 from torch.profiler import record_function
+
 import adarec
-assert adarec.__file__.startswith("/tmp/base"), adarec.__file__
-from adarec.profiling import opcount_new as oc
-from adarec.engine import trainer as T
-from adarec.engine.evaluator import evaluate_split
+from adarec.metrics import mask_scores, metric_sums, target_ranks
+
 
 def train_step(self, batch):
-    out = {}
+    losses = {}
     for name, engine in self.engines.items():
-        loss, terms = engine(batch)
+        loss, _ = engine(batch)
         engine.backward(loss)
-        with record_function(oc.OPTIMIZER_RANGE):
+        with record_function(opcount.OPTIMIZER_RANGE):
             engine.step()
-        out[name] = loss.detach()
-    return out
+        losses[name] = loss.detach()
+    return losses
+
 
 def eval_batch(self, model, inputs):
-    from adarec.metrics import mask_scores, metric_sums, target_ranks
-    ev, s = self.cfg.eval, self.split
+    ev, split = self.cfg.eval, self.split
     n = inputs.shape[0]
-    scores = model.score(inputs)
-    masked = mask_scores(scores, s.valid_history[:n], never_rank=model.never_rank, protocol=ev.protocol)
-    return metric_sums(target_ranks(masked, s.valid_target[:n], max(ev.ks)), ev.ks)
+    masked = mask_scores(model.score(inputs), split.valid_history[:n], never_rank=model.never_rank,
+                         protocol=ev.protocol)
+    return metric_sums(target_ranks(masked, split.valid_target[:n], max(ev.ks)), ev.ks)
 
-T.Trainer.train_step = train_step
-T.Trainer.eval_batch = eval_batch
-config = sys.argv[1]
-trainer = oc._build_trainer(config, sys.argv[2:], Path(tempfile.mkdtemp()))
-counts = oc.profile_trainer(trainer)
-print(oc.format_table(counts))
+
+def main() -> None:
+    if "/work/main" in adarec.__file__:
+        raise SystemExit(f"this counts the old code; adarec was imported from {adarec.__file__}")
+    trainer_module.Trainer.train_step = train_step
+    trainer_module.Trainer.eval_batch = eval_batch
+    trainer = opcount._build_trainer(sys.argv[1], sys.argv[2:], Path(tempfile.mkdtemp()))
+    print(opcount.format_table(opcount.profile_trainer(trainer)))
+
+
+if __name__ == "__main__":
+    main()
