@@ -293,51 +293,34 @@ def test_prefix_mean_is_the_mean_of_the_items_seen_so_far():
     torch.testing.assert_close(got[0, 4], (x[0, 2] + x[0, 3] + x[0, 4]) / 3)
 
 
-@pytest.mark.parametrize("mode", ["none", "probe", "all"])
-def test_every_level_is_computed_and_active_follows_the_depth(monkeypatch, mode):
-    """model.level_layout=grid: whatever the depth-gradient mode, training and scoring compute the
-    static grid of levels 0..T_max for every user (shapes never depend on the depths); the
+GRID = [T_MAX + 1] * 5
+
+
+@pytest.mark.parametrize(("layout", "mode", "levels"), [
+    ("compact", "none", [1, 3, 2, 4, 1]), ("compact", "probe", [2, 4, 3, 4, 2]), ("compact", "all", GRID),
+    ("grid", "none", GRID), ("grid", "probe", GRID), ("grid", "all", GRID)])
+def test_levels_computed_per_layout_and_mode(monkeypatch, layout, mode, levels):
+    """compact: none builds levels 0..T_u, probe adds T_u + 1 (none above T_max), all builds
+    0..T_max, and scoring builds 0..T_u only. grid: every level 0..T_max of every user in
+    training and scoring, whatever the mode (shapes never depend on the depths). Either way the
     active levels (those in L_deno) are 0..T_u."""
-    model = make_model(depth_gradient=mode, level_layout="grid").train()
+    model = make_model(depth_gradient=mode, level_layout=layout).train()
     ids = batch_for()["input_ids"]
     depths = [0, 2, 1, 3, 0]
     patch_controller(monkeypatch, model, fixed_decision(depths))
     rows_encoded = []
     encode = model.encoder.encode
     monkeypatch.setattr(model.encoder, "encode", lambda x, i: rows_encoded.append(x.shape[0]) or encode(x, i))
-    levels = T_MAX + 1
-    for last_only in (False, True):
+    scoring_levels = GRID if layout == "grid" else [t + 1 for t in depths]
+    for last_only, expected in ((False, levels), (True, scoring_levels)):
         model.train(not last_only)
         packed = model.user_representation(ids, last_only=last_only)["packed"]
         for u, t in enumerate(depths):
             rows = slice(int(packed.offsets[u]), int(packed.offsets[u + 1]))
-            assert packed.pair_user[rows].tolist() == [u] * levels
-            assert packed.pair_level[rows].tolist() == list(range(levels))
-            assert packed.pair_active[rows].tolist() == [k <= t for k in range(levels)]
-    assert rows_encoded == [len(depths) * levels] * 2
-
-
-@pytest.mark.parametrize(("mode", "levels"), [("none", [1, 3, 2, 4, 1]), ("probe", [2, 4, 3, 4, 2]),
-                                              ("all", [4, 4, 4, 4, 4])])
-def test_compact_layout_builds_the_levels_each_mode_needs(monkeypatch, mode, levels):
-    """model.level_layout=compact: none builds levels 0..T_u; probe adds T_u + 1 (none above
-    T_max); all builds 0..T_max. Evaluation never builds more than 0..T_u."""
-    model = make_model(depth_gradient=mode, level_layout="compact").train()
-    ids = batch_for()["input_ids"]
-    depths = [0, 2, 1, 3, 0]
-    patch_controller(monkeypatch, model, fixed_decision(depths))
-    rows_encoded = []
-    encode = model.encoder.encode
-    monkeypatch.setattr(model.encoder, "encode", lambda x, i: rows_encoded.append(x.shape[0]) or encode(x, i))
-    packed = model.user_representation(ids)["packed"]
-    for u, t in enumerate(depths):
-        rows = slice(int(packed.offsets[u]), int(packed.offsets[u + 1]))
-        assert packed.pair_user[rows].tolist() == [u] * levels[u]
-        assert packed.pair_level[rows].tolist() == list(range(levels[u]))
-        assert packed.pair_active[rows].tolist() == [k <= t for k in range(levels[u])]
-    assert rows_encoded == [sum(levels)]
-    model.eval()
-    assert model.user_representation(ids, last_only=True)["packed"].num_pairs == sum(depths) + len(depths)
+            assert packed.pair_user[rows].tolist() == [u] * expected[u]
+            assert packed.pair_level[rows].tolist() == list(range(expected[u]))
+            assert packed.pair_active[rows].tolist() == [k <= t for k in range(expected[u])]
+    assert rows_encoded == [sum(levels), sum(scoring_levels)]
 
 
 @pytest.mark.parametrize("layout", ["grid", "compact"])
