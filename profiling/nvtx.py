@@ -7,7 +7,8 @@ package's annotations, so they also work without a GPU (nothing records them unl
 is attached).
 
 Phase names used by the engine and the models: data, forward, controller, trajectory, experts,
-fusion, losses, backward, optimizer_step, evaluation.
+fusion, losses, backward, optimizer_step, evaluation; graph_replay for a step replayed as CUDA
+graphs (train.cuda_graphs), whose inner phases the graph does not re-enter.
 """
 
 from __future__ import annotations
