@@ -155,10 +155,11 @@ class TrainConfig:
     """torch CPU threads (torch.set_num_threads); null leaves torch's default."""
     log_every: int = 20
     """Training steps between progress-bar loss updates."""
-    bf16_mode: str = "deepspeed"
+    bf16_mode: str = "auto"
     """How bf16 is run: deepspeed (bf16 weights with DeepSpeed's fp32 master copy and overflow
-    checks) or autocast (fp32 weights, torch.autocast bf16 around the forward, DeepSpeed in fp32:
-    no overflow check, nothing read on the host). train.cuda_graphs implies autocast."""
+    checks), autocast (fp32 weights, torch.autocast bf16 around the forward, DeepSpeed in fp32 with
+    fused Adam: nothing read on the host), or auto: autocast on one process at ZeRO stage 0,
+    deepspeed with several ranks or ZeRO. train.cuda_graphs implies autocast."""
     cuda_graphs: bool = False
     """Capture each member's whole training step (forward, backward, Adam) as CUDA graphs, one per
     batch shape, and replay them (engine/graphed_step.py). One GPU, ZeRO stage 0; bf16 comes from
@@ -472,7 +473,7 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
     need(0 <= t.seed < 2**32, "train.seed", "must be in [0, 2**32)")
     choice("train.device", ("auto", "cpu", "cuda"))
     choice("train.precision", ("auto", "fp32", "bf16"))
-    choice("train.bf16_mode", ("deepspeed", "autocast"))
+    choice("train.bf16_mode", ("auto", "deepspeed", "autocast"))
     need(0 <= t.zero_stage <= 2, "train.zero_stage",
          "must be 0, 1 or 2 (ZeRO-3 partitions parameters, which models of this size never need)")
     need(t.num_threads is None or t.num_threads >= 1, "train.num_threads", "must be >= 1 or null")

@@ -100,7 +100,8 @@ def grid_levels(depths: torch.Tensor, max_depth: int) -> PackedLevels:
     return PackedLevels(pair_user, pair_level, offsets, pair_level <= depths.long()[pair_user])
 
 
-@functools.lru_cache(maxsize=16)
+# Unbounded: one entry per shape, and a captured CUDA graph may hold pointers into them.
+@functools.cache
 def _grid(batch: int, levels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """pair_user, pair_level and offsets of the grid: built once per (B, levels), not per step.
     Callers must not modify them in place."""

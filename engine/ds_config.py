@@ -41,9 +41,25 @@ def _read_json(path: str) -> dict:
     return data
 
 
+def use_autocast(train_cfg, world_size: int, zero_stage: int) -> bool:
+    """Whether bf16 runs as torch.autocast over fp32 weights rather than in DeepSpeed's bf16 engine.
+
+    auto: autocast on one process at ZeRO stage 0. There DeepSpeed's bf16 engine can only use its
+    unfused optimizer (it refuses fp32 gradient accumulation at stage 0), which checks every
+    parameter's gradient for overflow on the host; autocast with fused Adam reads nothing
+    (docs/method.md, "The training step on a GPU"). Several ranks or ZeRO keep DeepSpeed's bf16.
+    train.cuda_graphs always needs autocast.
+    """
+    if train_cfg.cuda_graphs or train_cfg.bf16_mode == "autocast":
+        return True
+    if train_cfg.bf16_mode == "deepspeed":
+        return False
+    return world_size == 1 and int(zero_stage) == 0
+
+
 def build_ds_config(train_cfg, world_size: int, device: torch.device, autocast: bool = False) -> dict:
-    """autocast: bf16 is done by torch.autocast over fp32 weights (train.bf16_mode=autocast, and
-    the captured step of train.cuda_graphs), so DeepSpeed itself runs in fp32."""
+    """autocast: bf16 is done by torch.autocast over fp32 weights (use_autocast), so DeepSpeed
+    itself runs in fp32, whatever a train.ds_config overlay says about bf16."""
     if train_cfg.batch_size % world_size:
         raise ConfigError(f"train.batch_size={train_cfg.batch_size} is not divisible by the "
                           f"{world_size} ranks of this launch")
@@ -71,4 +87,7 @@ def build_ds_config(train_cfg, world_size: int, device: torch.device, autocast: 
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     if train_cfg.ds_config:
         config = _deep_merge(config, _read_json(train_cfg.ds_config))
+    if autocast:
+        config["bf16"] = {"enabled": False}
+        config.pop("data_types", None)
     return config

@@ -12,10 +12,12 @@ them with one launch. What capture needs, and where it comes from:
   overflow check reads the device. The DeepSpeed engine still owns the module and the optimizer
   (checkpoints, resume); the graph calls them directly.
 
-Warm-up and capture run real steps on the bucket's first batch; the weights and optimizer state
-are restored afterwards (in place, so the graph's pointers stay valid), so capturing changes
-nothing: the first replay is the first step. With `capture=False` the same static-buffer step
-runs eagerly; the CPU tests use it to check this path against the DeepSpeed step.
+Warm-up and capture run real steps on the bucket's first batch; the weights, the optimizer state,
+the model's counters and the CUDA random stream are restored afterwards (in place, so the
+graph's pointers stay valid), so capturing changes nothing: the first replay is the step the
+batch would have had. Each bucket keeps its gradients alive, so a later capture in the shared
+pool cannot be handed their memory. With `capture=False` the same static-buffer step runs
+eagerly; the CPU tests use it to check this path against the DeepSpeed step.
 
 Off by default. The README says when a GPU run of the device check has passed it.
 """
@@ -31,7 +33,8 @@ from adarec.errors import ConfigError
 WARMUP_STEPS = 3
 
 
-def check_graph_config(train_cfg, device: torch.device, world_size: int) -> None:
+def check_graph_config(train_cfg, device: torch.device, world_size: int, model_cfg=None,
+                       ds_config: dict | None = None) -> None:
     """Refuse the settings the captured step cannot honour, saying why."""
     if device.type != "cuda":
         raise ConfigError(f"train.cuda_graphs=true needs a CUDA device (the run is on {device})")
@@ -41,6 +44,14 @@ def check_graph_config(train_cfg, device: torch.device, world_size: int) -> None
     if train_cfg.zero_stage != 0:
         raise ConfigError("train.cuda_graphs=true needs train.zero_stage=0 (ZeRO partitions the optimizer "
                           "state outside the captured step)")
+    if model_cfg is not None and getattr(model_cfg, "level_layout", "auto") == "compact":
+        raise ConfigError("train.cuda_graphs=true needs model.level_layout grid or auto: the compact layout's "
+                          "size is read on the host, which a captured step cannot do")
+    if ds_config is not None:
+        zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+        if ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled") or zero:
+            raise ConfigError("train.cuda_graphs=true: the DeepSpeed config (train.ds_config) turns on bf16, fp16 "
+                              "or ZeRO, whose optimizer steps read the device; bf16 comes from autocast here")
 
 
 class GraphedStep:
@@ -50,7 +61,7 @@ class GraphedStep:
                  grad_clip: float = 0.0, capture: bool = True):
         self.module, self.optimizer = module, optimizer
         self.autocast_dtype, self.grad_clip, self.capture = autocast_dtype, grad_clip, capture
-        self.buckets: dict[tuple, tuple] = {}   # shape key -> (graph or None, inputs, outputs)
+        self.buckets: dict[tuple, tuple] = {}   # shape key -> (graph or None, inputs, outputs, kept)
         self.pool = None
 
     @staticmethod
@@ -75,16 +86,32 @@ class GraphedStep:
         return {"loss": loss.detach(), **terms}
 
     def _state_tensors(self) -> list[torch.Tensor]:
-        """What a step changes besides its outputs: weights, optimizer state, the model's counters."""
-        tensors = [p.data for p in self.module.parameters()]
+        """What a step changes besides its outputs: the parameters themselves, the optimizer's
+        state and the model's counters (the same objects on every call, so identity finds them)."""
+        tensors = list(self.module.parameters())
         tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
         return tensors + list(getattr(self.module, "stat_tensors", list)())
+
+    def snapshot(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the state, keyed by the identity of the live tensors."""
+        return {id(t): (t, t.detach().clone()) for t in self._state_tensors()}
+
+    @torch.no_grad()
+    def restore(self, saved: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put the saved values back in place; state created since the snapshot (Adam's moments and
+        step counts on a first step, the model's counters) goes back to zero, its initial value."""
+        for tensor in self._state_tensors():
+            if id(tensor) in saved:
+                tensor.copy_(saved[id(tensor)][1])
+            else:
+                tensor.zero_()
 
     def _build(self, batch: dict) -> tuple:
         inputs = {k: v.clone() for k, v in batch.items()}
         if not self.capture:
-            return None, inputs, None
-        saved = {id(t): (t, t.detach().clone()) for t in self._state_tensors()}
+            return None, inputs, None, None
+        saved = self.snapshot()
+        rng = torch.cuda.get_rng_state()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -97,17 +124,20 @@ class GraphedStep:
         with torch.cuda.graph(graph, pool=self.pool):
             outputs = self._step(inputs)
         self.pool = self.pool or graph.pool()
-        # Undo the warm-up: saved values back in place; state the warm-up created (Adam's moments
-        # and step counts, the model's counters on a first step) back to zero, its initial value.
-        for tensor in self._state_tensors():
-            tensor.copy_(saved[id(tensor)][1]) if id(tensor) in saved else tensor.zero_()
-        return graph, inputs, outputs
+        # The gradients this graph writes live in the shared pool: hold them, or the next bucket's
+        # capture (after zero_grad(set_to_none)) could be given their memory.
+        kept = [p.grad for p in self.module.parameters()]
+        # Undo the warm-up: state and random stream as they were, so the first replay is the step
+        # the batch would have had without capture.
+        self.restore(saved)
+        torch.cuda.set_rng_state(rng)
+        return graph, inputs, outputs, kept
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         key = self.bucket_key(batch)
         if key not in self.buckets:
             self.buckets[key] = self._build(batch)
-        graph, inputs, outputs = self.buckets[key]
+        graph, inputs, outputs, _ = self.buckets[key]
         for name, value in batch.items():
             inputs[name].copy_(value)
         if graph is None:

@@ -37,7 +37,7 @@ from .checkpoint import atomic_torch_save, atomic_write_json, latest_tag, prune_
 from .curves import plot_curves
 from .data_setup import load_split
 from .distributed import DistInfo, pick_device, setup_distributed
-from .ds_config import build_ds_config, resolve_precision
+from .ds_config import build_ds_config, resolve_precision, use_autocast
 from .evaluator import batch_metric_sums, evaluate_split
 from .graphed_step import GraphedStep, check_graph_config
 from .run_log import RunLog, setup_logging
@@ -84,12 +84,15 @@ class Trainer:
                                                    cfg.kernels.backend).items()}
         graphs = cfg.train.cuda_graphs
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        if graphs:
-            check_graph_config(cfg.train, self.device, dist.world_size)
         # bf16 by torch.autocast over fp32 weights (DeepSpeed in fp32), or by DeepSpeed's bf16 engine.
-        autocast = self.precision == "bf16" and (graphs or cfg.train.bf16_mode == "autocast")
+        self.ds_config = build_ds_config(cfg.train, dist.world_size, self.device)
+        zero_stage = int(self.ds_config["zero_optimization"]["stage"])     # after any train.ds_config overlay
+        autocast = self.precision == "bf16" and use_autocast(cfg.train, dist.world_size, zero_stage)
         self.autocast_dtype = torch.bfloat16 if autocast else None
-        self.ds_config = build_ds_config(cfg.train, dist.world_size, self.device, autocast=autocast)
+        if autocast:
+            self.ds_config = build_ds_config(cfg.train, dist.world_size, self.device, autocast=True)
+        if graphs:
+            check_graph_config(cfg.train, self.device, dist.world_size, cfg.model, self.ds_config)
         self.engines, self.graphed = {}, {}
         for name, net in members.items():
             if not resume:
@@ -103,9 +106,10 @@ class Trainer:
                 capturable=graphs,
             )
             engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=self.ds_config)
-            if dist.world_size == 1:
+            if dist.world_size == 1 and int(self.ds_config["zero_optimization"]["stage"]) == 0:
                 # Nothing to reduce with one rank; DeepSpeed's bucketed all-reduce would still copy
-                # every gradient into a flat buffer and back (two launches per parameter).
+                # every gradient into a flat buffer and back (two launches per parameter). Not under
+                # ZeRO, whose optimizer gathers its gradient partitions in that same call.
                 engine.enable_backward_allreduce = False
             self.engines[name] = engine
             if graphs:

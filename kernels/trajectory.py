@@ -653,6 +653,11 @@ def fused_diffusion_trajectory(
     and dtypes), then calls the custom op `torch.ops.adarec.trajectory_forward`; autograd runs
     its backward op.
     """
+    if torch.is_autocast_enabled(e0.device.type):
+        # Under autocast the step table arrives in bf16 and E^0 in fp32; the kernels take one
+        # dtype, and the op's fp32 autocast rule would only apply after the checks below.
+        e0, w1, b1, step_table, w2, b2 = (t.float() for t in (e0, w1, b1, step_table, w2, b2))
+        noise = noise.float() if noise is not None else None
     _check(e0, lengths, pair_user, pair_level, sqrt_abar, w1, step_table, w2, noise)
     if pair_user.numel() == 0:
         return e0.new_zeros((0, *e0.shape[1:])), e0.sum() * 0.0

@@ -5,9 +5,10 @@
     python -m adarec.profiling.bench --config ... --trace        # + a Chrome trace per backend
     python -m adarec.profiling.bench --config ... --trace-summary   # + counts read off a profile
 
-Backends: eager (the eager twins), fused (Triton trajectory + native gated fusion), autocast
-(fused, with bf16 from torch.autocast instead of DeepSpeed's bf16 optimizer), graphs (fused,
-and train.cuda_graphs: the whole step captured and replayed, autocast bf16).
+Backends: eager (the eager twins) and fused (Triton trajectory + native gated fusion), both with
+DeepSpeed's bf16 engine; autocast (fused, with bf16 from torch.autocast over fp32 weights, the
+default on one GPU); graphs (autocast, and train.cuda_graphs: the whole step captured and
+replayed). A backend that fails leaves a row with its error; the others still run.
 
 For each backend it builds the real training path (the DeepSpeed engine(s) of the run config,
 the on-device batch sampler, the model's data-dependent init), runs `--warmup` untimed steps,
@@ -17,8 +18,9 @@ backend: the step time (median and spread over the repeats), samples/s, the trai
 one epoch projected from the dataset's steps per epoch, the time of a full validation pass
 and the peak CUDA memory. Writes bench.csv, bench.md, bench.json and bench.png under --out;
 every row carries the device, torch/triton versions, date and git commit. `--trace-summary`
-profiles `--trace-steps` more steps and adds per-step counts to the row (a trace reduced to
-numbers, small enough to copy off a remote machine): launches and host syncs by the rules of
+profiles `--trace-steps` more steps (Trainer.train_step on batches built beforehand) and adds
+per-step counts to the row (a trace reduced to numbers, small enough to copy off a remote
+machine): launches and host syncs by the rules of
 profiling/opcount.py and, on CUDA, kernels, synchronising CUDA runtime calls and GPU-busy ms
 per step, with the top kernels in trace_summary_<backend>.json.
 
@@ -51,9 +53,10 @@ from adarec.models import scorer
 log = logging.getLogger("adarec.bench")
 BACKENDS = ("eager", "fused", "autocast", "graphs")
 # What each bench backend sets in the run config.
+# eager and fused pin DeepSpeed's bf16 engine so that the two differ in their kernels only.
 BACKEND_SETTINGS = {
-    "eager": ["kernels.backend=eager"],
-    "fused": ["kernels.backend=fused"],
+    "eager": ["kernels.backend=eager", "train.bf16_mode=deepspeed"],
+    "fused": ["kernels.backend=fused", "train.bf16_mode=deepspeed"],
     "autocast": ["kernels.backend=fused", "train.bf16_mode=autocast"],
     "graphs": ["kernels.backend=fused", "train.cuda_graphs=true"],
 }
@@ -110,9 +113,11 @@ def trace_summary(trainer: Trainer, batches, steps: int, top: int = 10) -> dict:
     cuda = trainer.device.type == "cuda"
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    # The batches are built before the profile: the counts are Trainer.train_step's, as opcount's.
+    ready = [next(batches) for _ in range(steps)]
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
-            trainer.train_step(next(batches))
+        for batch in ready:
+            trainer.train_step(batch)
         synchronize(trainer.device)
     events = prof.events()
     counted = opcount.count_events(events)
@@ -222,11 +227,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dist = setup_distributed(cfg.train.device)
     split = load_split(cfg, dist.device)
     env = environment(dist.device)
-    rows = [{**bench_backend(cfg, backend, split, dist, args, out), **env} for backend in args.backends]
-    add_speedups(rows, "step_ms_median")
+    rows = []
+    for backend in args.backends:
+        try:
+            rows.append({**bench_backend(cfg, backend, split, dist, args, out), **env})
+        except Exception as exc:  # one backend failing must not lose the others' rows
+            log.exception("backend %s failed", backend)
+            rows.append({"config": args.config_name, "backend": backend, "error": f"{type(exc).__name__}: {exc}",
+                         **env})
+    if not any("error" not in row for row in rows):
+        raise SystemExit(f"every backend failed: {'; '.join(row['error'] for row in rows)}")
+    measured = [row for row in rows if "error" not in row]
+    add_speedups(measured, "step_ms_median")
     paths = write_tables(rows, out, "bench")
     try:
-        plot(rows, out / "bench.png")
+        plot(measured, out / "bench.png")
     except ImportError as exc:   # a bare GPU machine may lack matplotlib; the tables are the record
         log.warning("no bench.png: %s", exc)
     print(paths["md"].read_text(), end="")

@@ -378,3 +378,46 @@ def test_sampler_state_round_trip(small_split: SplitData) -> None:
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     with pytest.raises(ValueError, match="seed"):
         TrainBatchSampler(small_split, 8, seed=12).load_state_dict(state)
+
+
+def test_target_rows_lists_every_target_first_then_padding() -> None:
+    from adarec.data.sampler import target_rows
+
+    pos = torch.tensor([[0, 0, 3, 4], [0, 5, 0, 6], [0, 0, 0, 0]])
+    rows = target_rows(pos, 7)
+    assert rows[:4].tolist() == [2, 3, 5, 7]            # the flat positions with a target, in order
+    assert rows.numel() == 7 and len(set(rows.tolist())) == 7
+    assert (pos.reshape(-1)[rows[4:]] == 0).all()       # then positions without one
+
+
+@pytest.mark.parametrize("bucket", [16, 512])
+def test_sampler_target_rows_are_bucketed_and_the_loss_is_unchanged(small_split: SplitData, monkeypatch,
+                                                                    bucket: int) -> None:
+    """Every batch's target_rows cover all its targets, padded to a multiple of the bucket (or to
+    all B L positions, the cap), and the cross-entropy over them equals the one over every
+    position."""
+    import adarec.data.sampler as sampler_module
+    from adarec.models.losses import ce_next_item_loss
+
+    monkeypatch.setattr(sampler_module, "TARGET_BUCKET", bucket)
+    sampler = TrainBatchSampler(small_split, batch_size=8, seed=7)
+    sizes = set()
+    gen = torch.Generator().manual_seed(0)
+    for batch in sampler.epoch(0):
+        pos, rows = batch["target_pos"], batch["target_rows"]
+        positions = pos.numel()
+        targets = int((pos > 0).sum())
+        assert rows.numel() == min(-(-targets // bucket) * bucket, positions)
+        sizes.add(rows.numel())
+        assert set(torch.nonzero(pos.reshape(-1) > 0).flatten().tolist()) <= set(rows.tolist())
+        hidden = torch.randn(*pos.shape, 6, generator=gen, dtype=torch.float64)
+        weight = torch.randn(small_split.num_items + 2, 6, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(ce_next_item_loss(hidden, weight, pos, rows), ce_next_item_loss(hidden, weight, pos))
+    assert bucket > 64 or len(sizes) > 1              # a small bucket gives batches of several shapes
+
+
+def test_cross_entropy_of_a_batch_without_targets_is_zero_not_nan() -> None:
+    from adarec.models.losses import ce_next_item_loss
+
+    loss = ce_next_item_loss(torch.randn(2, 3, 4), torch.randn(7, 4), torch.zeros(2, 3, dtype=torch.long))
+    assert loss.item() == 0.0

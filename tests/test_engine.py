@@ -177,3 +177,22 @@ def test_curves_plot_single_and_per_member_validation(tmp_path):
     (tmp_path / "epochs.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": 3.0 - e}) + "\n" for e in (1, 2)))
     out = plot_curves(tmp_path)
     assert out.exists() and out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_one_rank_steps_update_the_weights_at_every_zero_stage(tmp_path, stage):
+    """With one rank the trainer switches DeepSpeed's gradient all-reduce off at stage 0 only:
+    ZeRO's optimizer collects its gradient partitions in that same call."""
+    from adarec.profiling import opcount
+
+    trainer = opcount._build_trainer(str(REPO / "configs/sasrec_beauty.yaml"),
+                                     ["data.max_users=60", "model.hidden_size=16", "train.batch_size=16",
+                                      f"train.zero_stage={stage}"], tmp_path)
+    (engine,) = trainer.engines.values()
+    assert engine.enable_backward_allreduce is (stage != 0)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    batches = iter(trainer.sampler.epoch(0))
+    for _ in range(2):
+        loss = trainer.train_step(next(batches))["loss"]
+        assert torch.isfinite(loss)
+    assert any(not torch.equal(p, b) for p, b in zip(engine.module.parameters(), before, strict=True))

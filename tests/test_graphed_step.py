@@ -50,6 +50,29 @@ def test_static_buffer_step_matches_the_deepspeed_step(tmp_path, model):
         torch.testing.assert_close(got_params[name], value, rtol=1e-5, atol=1e-6)
 
 
+def test_snapshot_and_restore_undo_a_step_in_place():
+    """What capture relies on after its warm-up steps: the parameters (the same Parameter objects,
+    so a graph's pointers stay valid) get their values back, and optimizer state the steps
+    created goes back to zero."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.GELU(), torch.nn.Linear(3, 1))
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.1)
+    step = GraphedStep(module, optimizer, capture=False)
+    before = [p.detach().clone() for p in module.parameters()]
+    objects = [id(p) for p in module.parameters()]
+    saved = step.snapshot()
+    module(torch.randn(8, 4)).sum().backward()
+    optimizer.step()
+    assert not all(torch.equal(p, b) for p, b in zip(module.parameters(), before, strict=True))
+    state = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    assert state and any(bool(v.abs().sum()) for v in state)
+    step.restore(saved)
+    assert [id(p) for p in module.parameters()] == objects
+    for p, b in zip(module.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+    assert all(not bool(v.abs().sum()) for v in state)
+
+
 def test_graph_settings_are_refused_with_the_reason():
     cfg = load_config(REPO / "configs/adarec_beauty.yaml", ["train.cuda_graphs=true"])
     with pytest.raises(ConfigError, match="needs a CUDA device"):
@@ -59,16 +82,22 @@ def test_graph_settings_are_refused_with_the_reason():
     cfg = load_config(REPO / "configs/adarec_beauty.yaml", ["train.cuda_graphs=true", "train.zero_stage=1"])
     with pytest.raises(ConfigError, match="zero_stage=0"):
         check_graph_config(cfg.train, torch.device("cuda"), 1)
+    cfg = load_config(REPO / "configs/adarec_beauty.yaml", ["train.cuda_graphs=true", "model.level_layout=compact"])
+    with pytest.raises(ConfigError, match="level_layout"):
+        check_graph_config(cfg.train, torch.device("cuda"), 1, cfg.model)
+    with pytest.raises(ConfigError, match="turns on bf16"):
+        check_graph_config(cfg.train, torch.device("cuda"), 1, None, {"bf16": {"enabled": True}})
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("model", ["adarec", "adarec-dual"])
 def test_captured_steps_match_eager_steps_on_the_gpu(tmp_path, model):
-    """Replayed graphs against the same static-buffer step run eagerly, fp32, three shapes of
-    batches: same losses and weights (the RNG streams of dropout and noise are the same
-    Philox draws under capture)."""
+    """Replayed graphs against the same static-buffer step run eagerly, fp32, the batch shapes of
+    an epoch: the same losses (capture restores the random stream its warm-up used, so the first
+    replay draws what the eager step draws)."""
     config = str(REPO / f"configs/{model}_beauty.yaml")
-    overrides = [*TINY, "train.device=cuda", "train.precision=fp32", "kernels.backend=fused"]
+    overrides = [*TINY, "train.device=cuda", "train.precision=fp32", "kernels.backend=fused",
+                 "train.cuda_graphs=true"]            # capturable Adam
     eager = opcount._build_trainer(config, overrides, tmp_path / "a")
     captured = opcount._build_trainer(config, overrides, tmp_path / "b")
     for t in (eager, captured):

@@ -111,17 +111,34 @@ def test_training_step_and_evaluation_batch_do_not_sync(trainers, model):
         assert counted.launches > 20, f"{model} {phase}: the profile recorded nothing"
 
 
-def test_autocast_bf16_step_does_not_sync(tmp_path):
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_autocast_bf16_step_does_not_sync(tmp_path, backend):
     """train.bf16_mode=autocast (the sync-free bf16 of one GPU): DeepSpeed in fp32, autocast
-    around the forward; on the CPU too, nothing is read on the host."""
+    around the forward, on the eager ops and on the fused ones (the Triton trajectory under the
+    interpreter takes fp32 inputs from autocast's mixed ones); nothing is read on the host."""
     trainer = opcount._build_trainer(str(REPO / "configs/adarec_beauty.yaml"),
                                      [*TINY, "model.kmeans_init=false", "train.precision=bf16",
-                                      "train.bf16_mode=autocast"], tmp_path)
+                                      "train.bf16_mode=autocast", f"kernels.backend={backend}",
+                                      "train.batch_size=8", "data.max_len=12"], tmp_path)
     assert trainer.autocast_dtype == torch.bfloat16 and not trainer.ds_config["bf16"]["enabled"]
     counts = opcount.profile_trainer(trainer)
     assert counts["training step"].syncs == 0, dict(counts["training step"].sync_ops)
     loss = trainer.train_step(next(iter(trainer.sampler.epoch(1))))["loss"]
     assert torch.isfinite(loss)
+
+
+def test_bf16_mode_auto_is_autocast_on_one_rank_at_stage_0_and_deepspeed_otherwise():
+    from adarec.engine.ds_config import use_autocast
+
+    from adarec.config import load_config
+
+    cfg = load_config(REPO / "configs/adarec_beauty.yaml")
+    assert cfg.train.bf16_mode == "auto"
+    assert use_autocast(cfg.train, 1, 0) and not use_autocast(cfg.train, 2, 0) and not use_autocast(cfg.train, 1, 1)
+    pinned = load_config(REPO / "configs/adarec_beauty.yaml", ["train.bf16_mode=deepspeed"])
+    assert not use_autocast(pinned.train, 1, 0)
+    graphs = load_config(REPO / "configs/adarec_beauty.yaml", ["train.bf16_mode=deepspeed", "train.cuda_graphs=true"])
+    assert use_autocast(graphs.train, 1, 0)
 
 
 def test_the_sync_test_would_catch_a_boolean_selection_in_the_loss(trainers, monkeypatch):

@@ -77,7 +77,8 @@ def coarse_contrastive_loss(z: torch.Tensor, packed: PackedLevels, depths: torch
     return (per_anchor * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-@functools.lru_cache(maxsize=16)
+# Unbounded: one entry per shape, and a captured CUDA graph may hold pointers into them.
+@functools.cache
 def _anchor_constants(max_depth: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """L_cont's anchor levels [T, 1] and its targets (each anchor's own user) [T B]: they depend on
     the shapes only, so they are built once, not every step."""

@@ -30,10 +30,14 @@ def ce_next_item_loss(hidden, item_weight, target_pos, target_rows: torch.Tensor
     if target_rows is not None:
         flat_hidden, flat_target = flat_hidden.index_select(0, target_rows), flat_target.index_select(0, target_rows)
     logits = (flat_hidden @ item_weight[1:-1].t()).float()
-    return F.cross_entropy(logits, flat_target - 1, ignore_index=-1)
+    # A sum over the targets divided by their count (at least 1): the mean, and 0 rather than
+    # 0 / 0 for a batch without a target.
+    total = F.cross_entropy(logits, flat_target - 1, ignore_index=-1, reduction="sum")
+    return total / (flat_target > 0).sum().clamp_min(1)
 
 
-@functools.lru_cache(maxsize=16)
+# Unbounded: one entry per shape, and a captured CUDA graph may hold pointers into them.
+@functools.cache
 def _pair_layout(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For the 2n rows of NT-Xent: each row's positive, the self-pair mask and the not-positive
     mask. They depend on n only, so they are built once per batch size rather than every step."""
