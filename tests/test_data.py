@@ -415,9 +415,3 @@ def test_sampler_target_rows_are_bucketed_and_the_loss_is_unchanged(small_split:
         torch.testing.assert_close(ce_next_item_loss(hidden, weight, pos, rows), ce_next_item_loss(hidden, weight, pos))
     assert bucket > 64 or len(sizes) > 1              # a small bucket gives batches of several shapes
 
-
-def test_cross_entropy_of_a_batch_without_targets_is_zero_not_nan() -> None:
-    from adarec.models.losses import ce_next_item_loss
-
-    loss = ce_next_item_loss(torch.randn(2, 3, 4), torch.randn(7, 4), torch.zeros(2, 3, dtype=torch.long))
-    assert loss.item() == 0.0

@@ -30,10 +30,9 @@ def ce_next_item_loss(hidden, item_weight, target_pos, target_rows: torch.Tensor
     if target_rows is not None:
         flat_hidden, flat_target = flat_hidden.index_select(0, target_rows), flat_target.index_select(0, target_rows)
     logits = (flat_hidden @ item_weight[1:-1].t()).float()
-    # A sum over the targets divided by their count (at least 1): the mean, and 0 rather than
-    # 0 / 0 for a batch without a target.
-    total = F.cross_entropy(logits, flat_target - 1, ignore_index=-1, reduction="sum")
-    return total / (flat_target > 0).sum().clamp_min(1)
+    # The mean over the targets. A batch without any would give 0 / 0; the sampler never makes
+    # one (every training row has a target), and a guard would cost launches in every step.
+    return F.cross_entropy(logits, flat_target - 1, ignore_index=-1)
 
 
 # Unbounded: one entry per shape, and a captured CUDA graph may hold pointers into them.
