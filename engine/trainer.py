@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from adarec.profiling import nvtx
-from adarec.profiling.opcount import OPTIMIZER_RANGE
-from torch.profiler import record_function
+from adarec.profiling.opcount import optimizer_range
 from tqdm import tqdm
 
 from adarec.config import RunConfig, save_config
@@ -106,7 +105,7 @@ class Trainer:
                 capturable=graphs,
             )
             engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=self.ds_config)
-            if dist.world_size == 1 and int(self.ds_config["zero_optimization"]["stage"]) == 0:
+            if dist.world_size == 1 and zero_stage == 0:
                 # Nothing to reduce with one rank; DeepSpeed's bucketed all-reduce would still copy
                 # every gradient into a flat buffer and back (two launches per parameter). Not under
                 # ZeRO, whose optimizer gathers its gradient partitions in that same call.
@@ -244,17 +243,18 @@ class Trainer:
             with nvtx.phase("backward"):
                 engine.backward(loss)
             # The launch counter (profiling/opcount.py) counts this range as one fused launch.
-            with nvtx.phase("optimizer_step"), record_function(OPTIMIZER_RANGE):
+            with nvtx.phase("optimizer_step"), optimizer_range():
                 engine.step()
             out.update({self._prefixed(name, key): value for key, value in {"loss": loss.detach(), **terms}.items()})
         return out
 
-    def eval_batch(self, model, inputs: torch.Tensor, which: str = "valid", start: int = 0) -> dict[str, torch.Tensor]:
-        """Metric sums of one evaluation batch of `which` (rows start.. of the split), on the device."""
+    def eval_batch(self, model, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Metric sums of one evaluation batch, on the device: inputs are the first rows of the
+        validation split (what the launch counter profiles)."""
         ev, s = self.cfg.eval, self.split
-        rows = slice(start, start + inputs.shape[0])
-        history = getattr(s, f"{which}_history")[rows].to(self.device)
-        targets = getattr(s, f"{which}_target")[rows].to(self.device)
+        rows = slice(0, inputs.shape[0])
+        history = s.valid_history[rows].to(self.device)
+        targets = s.valid_target[rows].to(self.device)
         return batch_metric_sums(model, inputs, history, targets, ev.ks, ev.protocol)
 
     def _diverged_message(self, epoch: int, step: int) -> str:

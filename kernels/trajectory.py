@@ -575,10 +575,6 @@ def _trajectory_backward_fn(ctx, grad_ehat, grad_loss, *row_map_grads):
 
 
 trajectory_forward.register_autograd(_trajectory_backward_fn, setup_context=_trajectory_setup_context)
-# Under torch.autocast the denoiser's step table arrives in bf16 and E^0 in fp32: the op takes one
-# dtype, and casting to bf16 would round sqrt(abar_k) (0.9999...) to 1, so it runs in fp32.
-for _device_type in ("cpu", "cuda"):
-    torch.library.register_autocast("adarec::trajectory_forward", _device_type, torch.float32)
 
 
 def _as_seed_tensor(seed, generator, device) -> torch.Tensor:
@@ -655,7 +651,7 @@ def fused_diffusion_trajectory(
     """
     if torch.is_autocast_enabled(e0.device.type):
         # Under autocast the step table arrives in bf16 and E^0 in fp32; the kernels take one
-        # dtype, and the op's fp32 autocast rule would only apply after the checks below.
+        # dtype, and bf16 would round sqrt(abar_k) (0.9999...) to 1, so the op runs in fp32.
         e0, w1, b1, step_table, w2, b2 = (t.float() for t in (e0, w1, b1, step_table, w2, b2))
         noise = noise.float() if noise is not None else None
     _check(e0, lengths, pair_user, pair_level, sqrt_abar, w1, step_table, w2, noise)

@@ -96,11 +96,16 @@ def _validation_seconds(trainer: Trainer, repeats: int) -> float | None:
     return statistics.median(times[1:] if len(times) > 1 else times)
 
 
-def _trace(trainer: Trainer, batches, steps: int, path: Path) -> None:
+def _activities(device: torch.device) -> list:
+    """What the profiler records: the host always, the GPU's kernels on CUDA."""
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if trainer.device.type == "cuda":
+    if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+    return activities
+
+
+def _trace(trainer: Trainer, batches, steps: int, path: Path) -> None:
+    with torch.profiler.profile(activities=_activities(trainer.device), record_shapes=True) as prof:
         for _ in range(steps):
             trainer.train_step(next(batches))
         synchronize(trainer.device)
@@ -109,13 +114,10 @@ def _trace(trainer: Trainer, batches, steps: int, path: Path) -> None:
 
 def trace_summary(trainer: Trainer, batches, steps: int, top: int = 10) -> dict:
     """Per-step counts from a profile of `steps` training steps (module docstring)."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
     cuda = trainer.device.type == "cuda"
-    if cuda:
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
     # The batches are built before the profile: the counts are Trainer.train_step's, as opcount's.
     ready = [next(batches) for _ in range(steps)]
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=_activities(trainer.device)) as prof:
         for batch in ready:
             trainer.train_step(batch)
         synchronize(trainer.device)

@@ -225,7 +225,6 @@ def main(argv: list[str] | None = None) -> dict[str, OpCount]:
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--top", type=int, default=0, help="also list the N most frequent leaf ops")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory(prefix="adarec-opcount-") as run_dir:
         trainer = _build_trainer(args.config, args.set, Path(run_dir))
         counts = profile_trainer(trainer)
