@@ -5,12 +5,13 @@ this op has the same signature and results (plus a `seed`).
 
 Custom ops. The forward and the backward are registered custom ops,
 `torch.ops.adarec.trajectory_forward` and `torch.ops.adarec.trajectory_backward` (tensors,
-bools and optional tensors in, tensors out; the seed is an int64 tensor [1]), each with a fake
-implementation that gives the outputs' shapes and dtypes without launching a kernel, and the
-forward carries an autograd formula that calls the backward op. So `torch.compile` traces
-through `fused_diffusion_trajectory` without a graph break, each op one opaque node of the graph,
-and both ops pass `torch.library.opcheck`. The row map below is not an op argument: each op
-rebuilds it from its tensor inputs (cheap, and free of host synchronisation).
+bools and optional tensors in, tensors out; the seed is an int64 tensor [1], the optional row
+keys an int64 tensor [B]), each with a fake implementation that gives the outputs' shapes and
+dtypes without launching a kernel, and the forward carries an autograd formula that calls the
+backward op. So `torch.compile` traces through `fused_diffusion_trajectory` without a graph
+break, each op one opaque node of the graph, and both ops pass `torch.library.opcheck`. The
+row map below is not an op argument: each op rebuilds it from its tensor inputs (cheap, and
+free of host synchronisation).
 
 Work layout. Only valid (non-padding) positions are computed. Users are sorted by depth and
 their valid positions laid end to end as "rows"; a program takes R consecutive rows and walks
@@ -20,12 +21,19 @@ of one block at similar depths, so few rows idle in the level loop. The row map 
 the device from `lengths` and the packed pairs, with an upper bound (B * L rows) as the grid
 so no host synchronisation is needed and ragged lengths never recompile anything.
 
-Noise. eps for (user, level, position, channel) is Philox(seed; counter = (position * D +
-channel, user * levels + level)), Box-Muller'd to N(0, 1). Keying by (user, level) rather than
-by packed pair keeps a pair's noise independent of which other levels are computed (the
-depth-gradient probe adds pairs without moving any value). The backward regenerates the same
-values from the same counters, so no noise tensor is ever stored. `noise=` replaces the RNG by
-a given [P, L, D] tensor (for exact comparison with the eager twin); `zero_noise=True` is eps = 0.
+Noise. eps for (user u, level k, position p, channel c) is Philox(seed; counter (c0, c1, c2, c3)),
+Box-Muller'd to N(0, 1), with c0 = p * D + c and, for the rest of the counter, one of two keyings:
+- by row key, when `keys` [B] (int64, non-negative) gives each user a key of its own: c1 = k,
+  c2 and c3 = the low and high 32 bits of keys[u]. A training row's noise then depends on its key
+  only, not on where the row sits in the batch or which other rows are in it (so data-parallel
+  ranks, each holding part of a batch, draw what one process would);
+- by batch position, without `keys`: c1 = u * levels + k, c2 = c3 = 0 (so key 0 draws what the
+  batch's first user draws without keys; the two keyings share no other stream).
+Keying by (user, level) rather than by packed pair keeps a pair's noise independent of which
+other levels are computed (the depth-gradient probe adds pairs without moving any value). The
+backward regenerates the same values from the same counters, so no noise tensor is ever stored.
+`noise=` replaces the RNG by a given [P, L, D] tensor (for exact comparison with the eager twin);
+`zero_noise=True` is eps = 0; either way `keys` is unused.
 
 L_deno counts only pairs with `loss_weight` > 0 (the active levels; a probe level is computed
 for its reconstruction but is not part of the denoising objective).
@@ -68,15 +76,34 @@ def _gelu_grad(x):
 
 
 @triton.jit
-def _level_noise(seed, noise_ptr, key, pair, pos, cols, row_mask, col_mask, L, D, NOISE_MODE: tl.constexpr):
-    """eps [R, BD] (fp32) of rows with RNG keys key [R] (user * levels + level) or, for given
-    noise, packed pairs pair [R], at positions pos [R]."""
+def _row_streams(keys_ptr, user, row_mask, NUM_LEVELS, HAS_KEYS: tl.constexpr):
+    """The per-row parts of the Philox counter (module docstring, "Noise"): level_base [R] (c1 is
+    level_base + level) and the row key's low and high words key_lo, key_hi [R] (c2, c3; zero
+    without keys). Loaded once per block of rows, outside the level loop."""
+    if HAS_KEYS:
+        key = tl.load(keys_ptr + user, mask=row_mask, other=0)
+        level_base = tl.zeros_like(user)
+        key_lo = key.to(tl.uint32)              # truncation keeps the low 32 bits
+        key_hi = (key >> 32).to(tl.uint32)
+    else:
+        level_base = user * NUM_LEVELS
+        key_lo = tl.zeros_like(user).to(tl.uint32)
+        key_hi = key_lo
+    return level_base, key_lo, key_hi
+
+
+@triton.jit
+def _level_noise(seed, noise_ptr, stream, key_lo, key_hi, pair, pos, cols, row_mask, col_mask, L, D,
+                 NOISE_MODE: tl.constexpr):
+    """eps [R, BD] (fp32) of rows at positions pos [R]: drawn with the counter words stream [R]
+    (c1) and key_lo, key_hi [R] (c2, c3) or, for given noise, read at packed pairs pair [R]."""
     mask = row_mask[:, None] & col_mask[None, :]
     if NOISE_MODE == 0:
         c0 = (pos[:, None] * D + cols[None, :]).to(tl.uint32)
-        c1 = (key[:, None] + cols[None, :] * 0).to(tl.uint32)
-        zero = tl.zeros_like(c0)
-        i1, i2, _, _ = tl.philox(seed, c0, c1, zero, zero)
+        c1 = (stream[:, None] + cols[None, :] * 0).to(tl.uint32)
+        c2 = tl.broadcast_to(key_lo[:, None], c0.shape)
+        c3 = tl.broadcast_to(key_hi[:, None], c0.shape)
+        i1, i2, _, _ = tl.philox(seed, c0, c1, c2, c3)
         u1 = tl.uint_to_uniform_float(i1)
         u2 = tl.uint_to_uniform_float(i2)
         eps, _ = tl.pair_uniform_to_normal(u1, u2)
@@ -169,17 +196,18 @@ def _load_block(e0_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offs
 
 
 @triton.jit
-def _noisy_level(level, x0, depth, row_mask, col_mask, user, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
-                 sqrt_1m_abar_ptr, L, D, NUM_LEVELS, NOISE_MODE: tl.constexpr):
+def _noisy_level(level, x0, depth, row_mask, col_mask, level_base, key_lo, key_hi, pair0, pos, cols, seed,
+                 noise_ptr, sqrt_abar_ptr, sqrt_1m_abar_ptr, L, D, NOISE_MODE: tl.constexpr):
     """One level of the block's rows: which rows reach it, its schedule values, its pairs, the
-    noise eps and E^k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps (fp32)."""
+    noise eps and E^k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps (fp32); the rows' counter parts
+    level_base, key_lo, key_hi come from `_row_streams`."""
     active = row_mask & (level <= depth)
     amask = active[:, None] & col_mask[None, :]
     a = tl.load(sqrt_abar_ptr + level).to(tl.float32)
     s = tl.load(sqrt_1m_abar_ptr + level).to(tl.float32)
     pair = pair0 + level
-    eps = _level_noise(seed, noise_ptr, user * NUM_LEVELS + level, pair, pos, cols, active, col_mask, L, D,
-                       NOISE_MODE)
+    eps = _level_noise(seed, noise_ptr, level_base + level, key_lo, key_hi, pair, pos, cols, active, col_mask, L,
+                       D, NOISE_MODE)
     return active, amask, a, s, pair, eps, a * x0 + s * eps
 
 
@@ -188,12 +216,12 @@ def _noisy_level(level, x0, depth, row_mask, col_mask, user, pair0, pos, cols, s
 
 @triton.jit(do_not_specialize=["L", "D", "H", "NUM_LEVELS"])
 def _trajectory_fwd_kernel(
-    e0_ptr, noise_ptr, seed_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr,
+    e0_ptr, noise_ptr, seed_ptr, keys_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr,
     sqrt_abar_ptr, sqrt_1m_abar_ptr, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr, loss_w_ptr,
     ehat_ptr, loss_part_ptr,
     L, D, H, NUM_LEVELS,
     R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, HAS_KEYS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_mask, user, pos, depth, pair0, cols, col_mask, mask, x0 = _load_block(
@@ -203,11 +231,12 @@ def _trajectory_fwd_kernel(
     mask0 = mask & (depth >= 0)[:, None]
     tl.store(ehat_ptr + (pair0 * L + pos)[:, None] * D + cols[None, :], x0.to(out_dt), mask=mask0)
     seed = tl.load(seed_ptr)
+    level_base, key_lo, key_hi = _row_streams(keys_ptr, user, row_mask, NUM_LEVELS, HAS_KEYS)
     loss = tl.zeros((R,), dtype=tl.float32)
     for level in range(1, tl.max(depth) + 1):
         active, amask, a, s, pair, eps, ek = _noisy_level(
-            level, x0, depth, row_mask, col_mask, user, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
-            sqrt_1m_abar_ptr, L, D, NUM_LEVELS, NOISE_MODE)
+            level, x0, depth, row_mask, col_mask, level_base, key_lo, key_hi, pair0, pos, cols, seed, noise_ptr,
+            sqrt_abar_ptr, sqrt_1m_abar_ptr, L, D, NOISE_MODE)
         eps_hat = _denoiser_eps_hat(ek, level, cols, col_mask, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr,
                                     D, H, BH, PRECISION, UPCAST)
         ehat = (ek - s * eps_hat) / a
@@ -221,12 +250,12 @@ def _trajectory_fwd_kernel(
 
 @triton.jit(do_not_specialize=["L", "D", "H", "NUM_LEVELS"])
 def _trajectory_bwd_rows_kernel(
-    e0_ptr, noise_ptr, seed_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr,
+    e0_ptr, noise_ptr, seed_ptr, keys_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr,
     sqrt_abar_ptr, sqrt_1m_abar_ptr, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr, loss_w_ptr,
     grad_ehat_ptr, loss_coef_ptr, de0_ptr, deps_hat_ptr,
     L, D, H, NUM_LEVELS,
     R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, HAS_KEYS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_mask, user, pos, depth, pair0, cols, col_mask, mask, x0 = _load_block(
@@ -234,12 +263,13 @@ def _trajectory_bwd_rows_kernel(
     dx0 = tl.load(grad_ehat_ptr + (pair0 * L + pos)[:, None] * D + cols[None, :],
                   mask=mask & (depth >= 0)[:, None], other=0.0).to(tl.float32)
     seed = tl.load(seed_ptr)
+    level_base, key_lo, key_hi = _row_streams(keys_ptr, user, row_mask, NUM_LEVELS, HAS_KEYS)
     # dL/d eps_hat from L_deno = sum w ||eps_hat - eps||^2 / (D * count), times the incoming grad.
     loss_coef = tl.load(loss_coef_ptr)
     for level in range(1, tl.max(depth) + 1):
         active, amask, a, s, pair, eps, ek = _noisy_level(
-            level, x0, depth, row_mask, col_mask, user, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
-            sqrt_1m_abar_ptr, L, D, NUM_LEVELS, NOISE_MODE)
+            level, x0, depth, row_mask, col_mask, level_base, key_lo, key_hi, pair0, pos, cols, seed, noise_ptr,
+            sqrt_abar_ptr, sqrt_1m_abar_ptr, L, D, NOISE_MODE)
         eps_hat = _denoiser_eps_hat(ek, level, cols, col_mask, w1_ptr, b1_ptr, step_ptr, w2_ptr, b2_ptr,
                                     D, H, BH, PRECISION, UPCAST)
         out_offs = (pair * L + pos)[:, None] * D + cols[None, :]
@@ -267,12 +297,12 @@ def _trajectory_bwd_rows_kernel(
 
 @triton.jit(do_not_specialize=["L", "D", "H", "NUM_LEVELS", "num_blocks"])
 def _trajectory_bwd_weights_kernel(
-    e0_ptr, noise_ptr, seed_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr,
+    e0_ptr, noise_ptr, seed_ptr, keys_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr,
     sqrt_abar_ptr, sqrt_1m_abar_ptr, w1_ptr, b1_ptr, step_ptr, w2_ptr,
     deps_hat_ptr, dw1_part_ptr, db1_part_ptr, dstep_part_ptr, dw2_part_ptr, db2_part_ptr,
     L, D, H, NUM_LEVELS, num_blocks,
     R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, LEVELS: tl.constexpr, SPLITS: tl.constexpr,
-    NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    NOISE_MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_KEYS: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     split = tl.program_id(1)
@@ -295,10 +325,11 @@ def _trajectory_bwd_weights_kernel(
         row_mask, user, pos, depth, pair0, _cols, _col_mask, _mask, x0 = _load_block(
             e0_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr, block * R, L, D, R, BD)
         if tl.max(depth) >= 1:
+            level_base, key_lo, key_hi = _row_streams(keys_ptr, user, row_mask, NUM_LEVELS, HAS_KEYS)
             for level in range(1, tl.max(depth) + 1):
                 active, amask, _a, _s, pair, _eps, ek = _noisy_level(
-                    level, x0, depth, row_mask, col_mask, user, pair0, pos, cols, seed, noise_ptr, sqrt_abar_ptr,
-                    sqrt_1m_abar_ptr, L, D, NUM_LEVELS, NOISE_MODE)
+                    level, x0, depth, row_mask, col_mask, level_base, key_lo, key_hi, pair0, pos, cols, seed,
+                    noise_ptr, sqrt_abar_ptr, sqrt_1m_abar_ptr, L, D, NOISE_MODE)
                 pre = _dot(ek, w1t, tl.zeros((R, BH), dtype=tl.float32), w1_ptr, PRECISION, UPCAST) + b1[None, :]
                 pre += tl.load(step_ptr + level * H + hid, mask=hmask, other=0.0).to(tl.float32)[None, :]
                 d_eps_hat = tl.load(deps_hat_ptr + (pair * L + pos)[:, None] * D + cols[None, :], mask=amask,
@@ -323,8 +354,9 @@ def _trajectory_bwd_weights_kernel(
 
 
 @triton.jit(do_not_specialize=["L", "D", "NUM_LEVELS"])
-def _noise_kernel(seed_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr, noise_ptr,
-                  L, D, NUM_LEVELS, R: tl.constexpr, BD: tl.constexpr, MAX_LEVEL: tl.constexpr):
+def _noise_kernel(seed_ptr, keys_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, offsets_ptr, noise_ptr,
+                  L, D, NUM_LEVELS, R: tl.constexpr, BD: tl.constexpr, MAX_LEVEL: tl.constexpr,
+                  HAS_KEYS: tl.constexpr):
     """Writes the noise the trajectory kernels draw, for testing the RNG stream."""
     pid = tl.program_id(0)
     row_mask, user, pos, depth, pair0 = _load_rows(row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr,
@@ -332,10 +364,12 @@ def _noise_kernel(seed_ptr, row_user_ptr, row_pos_ptr, num_rows_ptr, depth_ptr, 
     cols = tl.arange(0, BD)
     col_mask = cols < D
     seed = tl.load(seed_ptr)
+    level_base, key_lo, key_hi = _row_streams(keys_ptr, user, row_mask, NUM_LEVELS, HAS_KEYS)
     for level in range(1, MAX_LEVEL + 1):
         active = row_mask & (level <= depth)
         pair = pair0 + level
-        eps = _level_noise(seed, noise_ptr, user * NUM_LEVELS + level, pair, pos, cols, active, col_mask, L, D, 0)
+        eps = _level_noise(seed, noise_ptr, level_base + level, key_lo, key_hi, pair, pos, cols, active, col_mask,
+                           L, D, 0)
         tl.store(noise_ptr + (pair * L + pos)[:, None] * D + cols[None, :], eps,
                  mask=active[:, None] & col_mask[None, :])
 
@@ -426,7 +460,7 @@ class _Launch:
     """
 
     def __init__(self, e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_1m_abar, w1, b1, step_table, w2, b2,
-                 noise, seed, zero_noise, loss_weight, layout: _Layout | None = None):
+                 noise, seed, zero_noise, loss_weight, keys, layout: _Layout | None = None):
         self.batch, self.length, self.d = e0.shape
         self.h = w1.shape[0]
         self.e0 = e0.contiguous()
@@ -434,6 +468,10 @@ class _Launch:
         self.seed = seed.contiguous()
         self.mode = _noise_mode(noise, zero_noise)
         self.noise_arg = noise.contiguous() if self.mode == NOISE_GIVEN else self.e0
+        # Row keys matter only to drawn noise; without them the seed (int64 too) stands in as the
+        # unused pointer, so the compiled kernels see one pointer type either way.
+        self.has_keys = keys is not None and self.mode == NOISE_RNG
+        self.keys_arg = keys.to(device=e0.device, dtype=torch.int64).contiguous() if self.has_keys else self.seed
         self.layout = layout or _Layout(lengths, pair_user, self.batch, self.length, pair_level, loss_weight)
         device = e0.device
         self.loss_w = (torch.ones(pair_user.shape, dtype=torch.float32, device=device) if loss_weight is None
@@ -445,41 +483,42 @@ class _Launch:
         self.num_blocks = triton.cdiv(self.layout.max_rows, self.cfg["R"])
 
     def leading_args(self) -> tuple:
-        """The arguments every trajectory kernel starts with: E^0, noise, seed, the row map and
-        the schedule."""
+        """The arguments every trajectory kernel starts with: E^0, noise, seed, row keys, the row
+        map and the schedule."""
         layout = self.layout
-        return (self.e0, self.noise_arg, self.seed, layout.row_user, layout.row_pos, layout.num_rows, layout.depth,
-                layout.offsets, self.sa, self.s1m)
+        return (self.e0, self.noise_arg, self.seed, self.keys_arg, layout.row_user, layout.row_pos, layout.num_rows,
+                layout.depth, layout.offsets, self.sa, self.s1m)
 
 
 # The ops' arguments, in order: those of `fused_diffusion_trajectory` with the seed as an int64
-# tensor [1]. `noise` is used only when given and zero_noise is False.
+# tensor [1] (and without its generator). `noise` is used only when given and zero_noise is
+# False; `keys` (int64 [B]) only when the noise is drawn.
 @torch.library.custom_op("adarec::trajectory_forward", mutates_args=())
 def trajectory_forward(
     e0: torch.Tensor, lengths: torch.Tensor, pair_user: torch.Tensor, pair_level: torch.Tensor,
     sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
     step_table: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor,
-    zero_noise: bool, loss_weight: torch.Tensor | None,
+    zero_noise: bool, loss_weight: torch.Tensor | None, keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """(ehat [P, L, D] in e0's dtype, L_deno: an fp32 scalar, then the row map for the backward:
     row_user, row_pos [B L], num_rows [1], depth [B], offsets [B + 1], all int32, and the fp32
     count of rows in L_deno); see `fused_diffusion_trajectory`."""
     run = _Launch(e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar, w1, b1, step_table, w2, b2,
-                  noise, seed, zero_noise, loss_weight)
+                  noise, seed, zero_noise, loss_weight, keys)
     ehat = torch.zeros((pair_user.numel(), run.length, run.d), dtype=e0.dtype, device=e0.device)
     loss_part = torch.empty(run.num_blocks, dtype=torch.float32, device=e0.device)
     with record_function(TRITON_LAUNCH + "trajectory_fwd"):
         _trajectory_fwd_kernel[(run.num_blocks,)](
             *run.leading_args(), run.w1, run.b1, run.step_table, run.w2, run.b2, run.loss_w, ehat, loss_part,
-            run.length, run.d, run.h, run.num_levels, NOISE_MODE=run.mode, **run.cfg,
+            run.length, run.d, run.h, run.num_levels, NOISE_MODE=run.mode, HAS_KEYS=run.has_keys, **run.cfg,
         )
     return ehat, loss_part.sum() / run.layout.noisy_rows, *run.layout.tensors()
 
 
 @trajectory_forward.register_fake
 def _trajectory_forward_fake(e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar, w1, b1,
-                             step_table, w2, b2, noise, seed, zero_noise, loss_weight):
+                             step_table, w2, b2, noise, seed, zero_noise, loss_weight, keys=None):
     """Shapes and dtypes only: ehat [P, L, D] in e0's dtype, the fp32 scalar loss, the row map."""
     batch, length, d = e0.shape
     ehat = e0.new_empty((pair_user.shape[0], length, d))
@@ -495,15 +534,15 @@ def trajectory_backward(
     pair_user: torch.Tensor, pair_level: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor,
     w1: torch.Tensor, b1: torch.Tensor, step_table: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
     noise: torch.Tensor | None, seed: torch.Tensor, zero_noise: bool, loss_weight: torch.Tensor | None,
-    row_user: torch.Tensor, row_pos: torch.Tensor, num_rows: torch.Tensor, depth: torch.Tensor,
-    offsets: torch.Tensor, noisy_rows: torch.Tensor,
+    keys: torch.Tensor | None, row_user: torch.Tensor, row_pos: torch.Tensor, num_rows: torch.Tensor,
+    depth: torch.Tensor, offsets: torch.Tensor, noisy_rows: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dE^0, dW1, db1, d step_table, dW2, db2) of `trajectory_forward`, each in its
     input's dtype, given the gradients of ehat and of the loss, the forward's inputs and the row
-    map it returned; the noise is regenerated."""
+    map it returned; the noise is regenerated (from the same seed and row keys)."""
     layout = _Layout.from_tensors(row_user, row_pos, num_rows, depth, offsets, noisy_rows)
     run = _Launch(e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar, w1, b1, step_table, w2, b2,
-                  noise, seed, zero_noise, loss_weight, layout)
+                  noise, seed, zero_noise, loss_weight, keys, layout)
     d, h, device = run.d, run.h, e0.device
     grad_ehat = grad_ehat.contiguous()
     loss_coef = (grad_loss.float() * 2.0 / (d * run.layout.noisy_rows)).reshape(1)
@@ -512,7 +551,7 @@ def trajectory_backward(
     with record_function(TRITON_LAUNCH + "trajectory_bwd_rows"):
         _trajectory_bwd_rows_kernel[(run.num_blocks,)](
             *run.leading_args(), run.w1, run.b1, run.step_table, run.w2, run.b2, run.loss_w, grad_ehat, loss_coef, de0,
-            deps_hat, run.length, d, h, run.num_levels, NOISE_MODE=run.mode, **run.cfg,
+            deps_hat, run.length, d, h, run.num_levels, NOISE_MODE=run.mode, HAS_KEYS=run.has_keys, **run.cfg,
         )
     num_chunks = triton.cdiv(h, run.cfg["BH"])
     splits = _weight_splits(device, num_chunks, run.num_blocks)
@@ -528,7 +567,7 @@ def trajectory_backward(
         _trajectory_bwd_weights_kernel[(num_chunks, splits)](
             *run.leading_args(), run.w1, run.b1, run.step_table, run.w2, deps_hat, dw1, db1, dstep, dw2, db2,
             run.length, d, h, run.num_levels, run.num_blocks,
-            LEVELS=levels, SPLITS=splits, NOISE_MODE=run.mode, **run.cfg,
+            LEVELS=levels, SPLITS=splits, NOISE_MODE=run.mode, HAS_KEYS=run.has_keys, **run.cfg,
         )
     return (de0, dw1.sum(0).to(w1.dtype), db1.sum(0).to(b1.dtype), dstep.sum(0)[:step_levels].to(step_table.dtype),
             dw2.sum(0).to(w2.dtype), db2.sum(0).to(b2.dtype))
@@ -537,7 +576,7 @@ def trajectory_backward(
 @trajectory_backward.register_fake
 def _trajectory_backward_fake(grad_ehat, grad_loss, e0, lengths, pair_user, pair_level, sqrt_abar,
                               sqrt_one_minus_abar, w1, b1, step_table, w2, b2, noise, seed, zero_noise, loss_weight,
-                              *row_map):
+                              keys, *row_map):
     """Shapes and dtypes only: one new contiguous gradient per differentiable input, like it."""
     return tuple(t.new_empty(t.shape) for t in (e0, w1, b1, step_table, w2, b2))
 
@@ -545,22 +584,23 @@ def _trajectory_backward_fake(grad_ehat, grad_loss, e0, lengths, pair_user, pair
 def _trajectory_setup_context(ctx, inputs, output) -> None:
     """Saves the forward's inputs and its row map: the backward op recomputes the activations
     and regenerates the noise from them (neither is stored)."""
-    *tensors, zero_noise, loss_weight = inputs
+    *tensors, zero_noise, loss_weight, keys = inputs
     row_map = output[2:]
     ctx.mark_non_differentiable(*row_map)
-    ctx.save_for_backward(*tensors, loss_weight, *row_map)     # `noise` may be None: save_for_backward keeps it
+    # `noise`, `loss_weight` and `keys` may be None: save_for_backward keeps them.
+    ctx.save_for_backward(*tensors, loss_weight, keys, *row_map)
     ctx.zero_noise = zero_noise
     ctx.row_map_size = len(row_map)
 
 
 def _trajectory_backward_fn(ctx, grad_ehat, grad_loss, *row_map_grads):
     """Gradients of trajectory_forward's inputs: E^0 and the denoiser's weights; the integer
-    layout, the schedule, the noise, the seed and the loss weights get none.
+    layout, the schedule, the noise, the seed, the loss weights and the row keys get none.
 
     An output that did not reach the loss arrives as None (under torch.compile) and counts as
     a zero gradient."""
     saved = ctx.saved_tensors
-    *tensors, loss_weight = saved[: -ctx.row_map_size]
+    *tensors, loss_weight, keys = saved[: -ctx.row_map_size]
     row_map = saved[-ctx.row_map_size:]
     e0 = tensors[0]
     if grad_ehat is None:
@@ -568,10 +608,10 @@ def _trajectory_backward_fn(ctx, grad_ehat, grad_loss, *row_map_grads):
     if grad_loss is None:
         grad_loss = torch.zeros((), dtype=torch.float32, device=e0.device)
     de0, dw1, db1, dstep, dw2, db2 = torch.ops.adarec.trajectory_backward(
-        grad_ehat, grad_loss, *tensors, ctx.zero_noise, loss_weight, *row_map)
+        grad_ehat, grad_loss, *tensors, ctx.zero_noise, loss_weight, keys, *row_map)
     # In trajectory_forward's argument order: e0, lengths, pair_user, pair_level, sqrt_abar,
-    # sqrt_one_minus_abar, w1, b1, step_table, w2, b2, noise, seed, zero_noise, loss_weight.
-    return de0, None, None, None, None, None, dw1, db1, dstep, dw2, db2, None, None, None, None
+    # sqrt_one_minus_abar, w1, b1, step_table, w2, b2, noise, seed, zero_noise, loss_weight, keys.
+    return de0, None, None, None, None, None, dw1, db1, dstep, dw2, db2, None, None, None, None, None
 
 
 trajectory_forward.register_autograd(_trajectory_backward_fn, setup_context=_trajectory_setup_context)
@@ -586,7 +626,7 @@ def _as_seed_tensor(seed, generator, device) -> torch.Tensor:
     return torch.tensor([int(seed)], dtype=torch.int64, device=device)
 
 
-def _check(e0, lengths, pair_user, pair_level, sqrt_abar, w1, step_table, w2, noise) -> None:
+def _check(e0, lengths, pair_user, pair_level, sqrt_abar, w1, step_table, w2, noise, keys=None) -> None:
     if e0.dim() != 3:
         raise ValueError(f"e0 must be [B, L, D], got shape {tuple(e0.shape)}")
     if e0.device.type != "cuda" and not triton_interpreter_enabled():
@@ -612,6 +652,17 @@ def _check(e0, lengths, pair_user, pair_level, sqrt_abar, w1, step_table, w2, no
         raise ValueError("pair_user and pair_level must be 1-D and of the same length")
     if noise is not None and tuple(noise.shape) != (pair_user.numel(), length, d):
         raise ValueError(f"noise must be [P, L, D] = {(pair_user.numel(), length, d)}, got {tuple(noise.shape)}")
+    _check_keys(keys, batch)
+
+
+def _check_keys(keys, batch: int) -> None:
+    """Shape and dtype of the row keys (their values are not read: that would wait for the device)."""
+    if keys is None:
+        return
+    if keys.dtype != torch.int64:
+        raise TypeError(f"keys must be int64 (one row key per user), got {keys.dtype}")
+    if tuple(keys.shape) != (batch,):
+        raise ValueError(f"keys must be [B={batch}], one per user, got {tuple(keys.shape)}")
 
 
 def triton_interpreter_enabled() -> bool:
@@ -637,13 +688,16 @@ def fused_diffusion_trajectory(
     seed: int | torch.Tensor | None = None,
     zero_noise: bool = False,
     loss_weight: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused twin of `adarec.diffusion.diffusion_trajectory` (same arguments and results).
 
     The pairs must follow the packed layout (sorted by user, each user's computed levels
     0..C_u - 1 contiguous, as `adarec.diffusion.pack_levels` builds them). Noise comes from
     Philox keyed by `seed` (drawn from torch's RNG, or `generator`, when not given) and
-    (user, level); `noise` replaces it exactly.
+    (user, level); `noise` replaces it exactly. `keys` (int64 [B], non-negative, one per user)
+    keys the noise by each row's key instead of its index in the batch, so a row draws the same
+    noise wherever it sits and whatever else is in the batch (module docstring, "Noise").
 
     Checks the inputs here (in Python: under torch.compile they run while tracing, on shapes
     and dtypes), then calls the custom op `torch.ops.adarec.trajectory_forward`; autograd runs
@@ -654,27 +708,31 @@ def fused_diffusion_trajectory(
         # dtype, and bf16 would round sqrt(abar_k) (0.9999...) to 1, so the op runs in fp32.
         e0, w1, b1, step_table, w2, b2 = (t.float() for t in (e0, w1, b1, step_table, w2, b2))
         noise = noise.float() if noise is not None else None
-    _check(e0, lengths, pair_user, pair_level, sqrt_abar, w1, step_table, w2, noise)
+    _check(e0, lengths, pair_user, pair_level, sqrt_abar, w1, step_table, w2, noise, keys)
     if pair_user.numel() == 0:
         return e0.new_zeros((0, *e0.shape[1:])), e0.sum() * 0.0
     seed_t = _as_seed_tensor(seed, generator, e0.device)
     ehat, loss, *_row_map = torch.ops.adarec.trajectory_forward(
         e0, lengths, pair_user, pair_level, sqrt_abar, sqrt_one_minus_abar, w1, b1, step_table, w2, b2, noise,
-        seed_t, zero_noise, loss_weight)
+        seed_t, zero_noise, loss_weight, keys)
     return ehat, loss
 
 
 def trajectory_noise(e0: torch.Tensor, lengths: torch.Tensor, pair_user: torch.Tensor, max_level: int,
-                     seed: int | torch.Tensor, num_levels: int | None = None) -> torch.Tensor:
-    """The [P, L, D] noise the fused kernels draw for these pairs and seed (zero where unused:
-    level-0 rows and padding), with a schedule of num_levels levels (default max_level + 1).
-    For tests of the RNG stream; training never materialises it."""
+                     seed: int | torch.Tensor, num_levels: int | None = None,
+                     keys: torch.Tensor | None = None) -> torch.Tensor:
+    """The [P, L, D] noise the fused kernels draw for these pairs, seed and row keys (zero where
+    unused: level-0 rows and padding), with a schedule of num_levels levels (default
+    max_level + 1). For tests of the RNG stream; training never materialises it."""
     batch, length, d = e0.shape
+    _check_keys(keys, batch)
     layout = _Layout(lengths, pair_user, batch, length)
     cfg = _config(d, 4 * d, torch.float32)
+    seed_t = _as_seed_tensor(seed, None, e0.device)
     out = torch.zeros((pair_user.numel(), length, d), dtype=torch.float32, device=e0.device)
     _noise_kernel[(triton.cdiv(layout.max_rows, cfg["R"]),)](
-        _as_seed_tensor(seed, None, e0.device), layout.row_user, layout.row_pos, layout.num_rows, layout.depth,
-        layout.offsets, out, length, d, num_levels or max_level + 1, R=cfg["R"], BD=cfg["BD"], MAX_LEVEL=max_level,
+        seed_t, seed_t if keys is None else keys.to(e0.device).contiguous(), layout.row_user, layout.row_pos,
+        layout.num_rows, layout.depth, layout.offsets, out, length, d, num_levels or max_level + 1, R=cfg["R"],
+        BD=cfg["BD"], MAX_LEVEL=max_level, HAS_KEYS=keys is not None,
     )
     return out

@@ -25,7 +25,7 @@ def signature(fn, dtype: str, constants: dict) -> dict:
             types[name] = "constexpr"
         elif name in INT32_POINTERS:
             types[name] = "*i32"
-        elif name == "seed_ptr":
+        elif name in ("seed_ptr", "keys_ptr"):
             types[name] = "*i64"
         elif name in FP32_POINTERS or name.endswith("_part_ptr") or (fn is trajectory._noise_kernel
                                                                        and name == "noise_ptr"):
@@ -40,15 +40,17 @@ def signature(fn, dtype: str, constants: dict) -> dict:
 def compile_all(arch: int) -> int:
     target = GPUTarget("cuda", arch, 32)
     failures = 0
-    for dtype, dim in (("bf16", 256), ("fp32", 64)):
+    # Noise keyed by row keys in one configuration and by batch position in the other: both
+    # counter layouts compile, at no extra kernels.
+    for dtype, dim, has_keys in (("bf16", 256, True), ("fp32", 64, False)):
         cfg = trajectory._config(dim, 4 * dim, torch.bfloat16 if dtype == "bf16" else torch.float32)
         base = {"R": cfg["R"], "BD": cfg["BD"], "BH": cfg["BH"], "NOISE_MODE": 0, "PRECISION": cfg["PRECISION"],
-                "UPCAST": False}
+                "UPCAST": False, "HAS_KEYS": has_keys}
         kernels = [
             (trajectory._trajectory_fwd_kernel, base),
             (trajectory._trajectory_bwd_rows_kernel, base),
             (trajectory._trajectory_bwd_weights_kernel, {**base, "LEVELS": 16, "SPLITS": 4}),
-            (trajectory._noise_kernel, {"R": cfg["R"], "BD": cfg["BD"], "MAX_LEVEL": 8}),
+            (trajectory._noise_kernel, {"R": cfg["R"], "BD": cfg["BD"], "MAX_LEVEL": 8, "HAS_KEYS": has_keys}),
         ]
         for fn, constants in kernels:
             params = list(inspect.signature(fn.fn).parameters)
@@ -56,13 +58,13 @@ def compile_all(arch: int) -> int:
                             constexprs={(params.index(k),): v for k, v in constants.items()})
             try:
                 compiled = triton.compile(src, target=target)
-                print(f"ok {dtype} D={dim} {fn.fn.__name__} shared={compiled.metadata.shared}")
+                print(f"ok {dtype} D={dim} keys={has_keys} {fn.fn.__name__} shared={compiled.metadata.shared}")
             except Exception as exc:  # report every kernel, then fail
                 failures += 1
                 cause = exc
                 while cause.__cause__ is not None:
                     cause = cause.__cause__
-                print(f"FAIL {dtype} D={dim} {fn.fn.__name__}: {cause}")
+                print(f"FAIL {dtype} D={dim} keys={has_keys} {fn.fn.__name__}: {cause}")
     return failures
 
 

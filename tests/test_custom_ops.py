@@ -83,21 +83,29 @@ def trajectory_problem(dtype=torch.float32):
     return make_problem(**TRAJECTORY_SHAPE, dtype=dtype)
 
 
+def trajectory_row_keys(problem):
+    """One int64 row key per user, with high words of their own (both halves reach the counter)."""
+    batch = problem["e0"].shape[0]
+    return torch.tensor([2**62 + 2**32 * u + 2 * u + 1 for u in range(batch)], device=problem["e0"].device)
+
+
 def trajectory_args(problem, noise_mode, requires_grad=True):
-    """trajectory_forward's 15 arguments: E^0 and the weights as leaves, a seed [1], and the
-    noise / zero_noise / loss weights of the given mode. The loss weights of "given" drop one
-    noisy pair from L_deno, as the depth-gradient probe does."""
+    """trajectory_forward's 16 arguments: E^0 and the weights as leaves, a seed [1], and the
+    noise / zero_noise / loss weights / row keys of the given mode ("keyed": drawn noise keyed
+    by row keys). The loss weights of "given" drop one noisy pair from L_deno, as the
+    depth-gradient probe does."""
     tensors = [problem[k].detach().clone().requires_grad_(requires_grad and k in ("e0", *WEIGHT_NAMES))
                for k in TRAJECTORY_ARGS]
     seed = torch.tensor([7], dtype=torch.int64, device=problem["e0"].device)
     if noise_mode == "given":
         weight = (problem["pair_level"] != problem["pair_level"].max()).float()
-        return [*tensors, problem["noise"], seed, False, weight]
-    return [*tensors, None, seed, noise_mode == "zero", None]
+        return [*tensors, problem["noise"], seed, False, weight, None]
+    keys = trajectory_row_keys(problem) if noise_mode == "keyed" else None
+    return [*tensors, None, seed, noise_mode == "zero", None, keys]
 
 
 def trajectory_backward_args(problem, noise_mode):
-    """trajectory_backward's 23 arguments: the gradients of (ehat, loss), the forward's
+    """trajectory_backward's 24 arguments: the gradients of (ehat, loss), the forward's
     arguments, then the row map the forward returned."""
     args = trajectory_args(problem, noise_mode, requires_grad=False)
     ehat, _, *row_map = torch.ops.adarec.trajectory_forward(*args)
@@ -147,13 +155,26 @@ def test_gated_fusion_fakes_give_the_real_ops_shapes_dtypes_and_strides(dtype):
     assert real[0][4].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-@pytest.mark.parametrize("noise_mode", ["rng", "given", "zero"])
+@pytest.mark.parametrize("noise_mode", ["rng", "keyed", "given", "zero"])
 def test_opcheck_trajectory_forward(noise_mode):
     assert_opcheck(torch.ops.adarec.trajectory_forward.default, trajectory_args(trajectory_problem(), noise_mode))
 
 
-def test_opcheck_trajectory_backward():
-    assert_opcheck(torch.ops.adarec.trajectory_backward.default, trajectory_backward_args(trajectory_problem(), "rng"))
+@pytest.mark.parametrize("noise_mode", ["rng", "keyed"])
+def test_opcheck_trajectory_backward(noise_mode):
+    assert_opcheck(torch.ops.adarec.trajectory_backward.default,
+                   trajectory_backward_args(trajectory_problem(), noise_mode))
+
+
+def test_trajectory_forward_schema_takes_optional_row_keys_last():
+    """`keys` is the forward's last argument and optional (callers without it are unchanged);
+    the backward takes it after the forward's other inputs, before the row map."""
+    forward = torch.ops.adarec.trajectory_forward.default._schema
+    backward = torch.ops.adarec.trajectory_backward.default._schema
+    keys = forward.arguments[-1]
+    assert keys.name == "keys" and str(keys.type) == "Optional[Tensor]" and keys.default_value is None
+    assert [a.name for a in backward.arguments][-7:] == ["keys", "row_user", "row_pos", "num_rows", "depth",
+                                                         "offsets", "noisy_rows"]
 
 
 # ----------------------------------------------------------------------------- torch.compile
@@ -270,11 +291,11 @@ def test_compiled_trajectory_with_given_noise_equals_the_uncompiled_op_and_the_e
 
 
 def test_compiled_trajectory_with_in_kernel_noise_equals_the_uncompiled_op():
-    """The RNG path: the same seed draws the same Philox noise, compiled or not, and the compiled
-    backward regenerates it; zero_noise must be honoured through the compiled call too."""
+    """The RNG path: the same seed (and row keys) draw the same Philox noise, compiled or not, and
+    the compiled backward regenerates it; zero_noise must be honoured through the compiled call too."""
     problem = trajectory_problem()
     compiled = torch.compile(fused_diffusion_trajectory, backend="aot_eager", fullgraph=True)
-    for kw in ({"seed": 11}, {"seed": 11, "zero_noise": True}):
+    for kw in ({"seed": 11}, {"seed": 11, "zero_noise": True}, {"seed": 11, "keys": trajectory_row_keys(problem)}):
         assert_same_trajectory(trajectory_forward_backward(compiled, problem, **kw),
                                trajectory_forward_backward(fused_diffusion_trajectory, problem, **kw), atol=1e-6)
 
@@ -292,9 +313,10 @@ def test_opcheck_both_ops_on_cuda(dtype):
         assert_opcheck(torch.ops.adarec.gated_fusion_forward.default, gated_args(case, dtype, device="cuda"))
         assert_opcheck(torch.ops.adarec.gated_fusion_backward.default, gated_backward_args(case, dtype, "cuda"))
     problem = trajectory_problem(dtype)
-    for noise_mode in ("rng", "given", "zero"):
+    for noise_mode in ("rng", "keyed", "given", "zero"):
         assert_opcheck(torch.ops.adarec.trajectory_forward.default, trajectory_args(problem, noise_mode))
-    assert_opcheck(torch.ops.adarec.trajectory_backward.default, trajectory_backward_args(problem, "rng"))
+    for noise_mode in ("rng", "keyed"):
+        assert_opcheck(torch.ops.adarec.trajectory_backward.default, trajectory_backward_args(problem, noise_mode))
 
 
 # -- the whole model under torch.compile ------------------------------------------------------------

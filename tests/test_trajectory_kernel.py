@@ -5,6 +5,7 @@ and a convergence comparison."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from adarec.kernels.trajectory import fused_diffusion_trajectory, trajectory_noise
@@ -179,6 +180,140 @@ def test_loss_weight_matches_eager_and_excludes_pairs_from_l_deno():
     assert float(loss_e) == pytest.approx(errors / count, rel=1e-4)
 
 
+# ----------------------------------------------------------------------------- noise keyed by row keys
+
+
+def philox_normal_reference(seed, c0, c1, c2, c3, rounds=10):
+    """Triton's tl.philox (4x32, key = seed's low and high words) and its Box-Muller'd first
+    output, in numpy: an independent statement of the counter layout the kernels document."""
+    mask = np.uint64(0xFFFFFFFF)
+    c = [np.asarray(x, dtype=np.uint64) & mask for x in (c0, c1, c2, c3)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    round_a, round_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(rounds):
+        product_a, product_b = round_a * c[0], round_b * c[2]            # exact: both factors < 2**32
+        c = [(product_b >> np.uint64(32)) ^ c[1] ^ k0, product_b & mask,
+             (product_a >> np.uint64(32)) ^ c[3] ^ k1, product_a & mask]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+
+    def uniform(x):
+        x = x.astype(np.uint32).view(np.int32)
+        return np.where(x < 0, ~x, x).astype(np.float32) * np.float32(4.6566127342e-10)
+
+    u1 = np.maximum(np.float32(1e-7), uniform(c[0]))
+    theta = np.float32(6.283185307179586) * uniform(c[1])
+    return np.sqrt(np.float32(-2.0) * np.log(u1)) * np.cos(theta)
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["by_batch_position", "by_row_key"])
+def test_noise_follows_the_documented_philox_counters(keyed):
+    """eps(u, k, p, c) = Philox(seed; p * D + c, then (u * levels + k, 0, 0) without keys, or
+    (k, low word, high word of keys[u]) with them): every drawn value against a numpy Philox."""
+    shape = SHAPES["odd_dims"]
+    problem = make_problem(**shape)
+    seed, num_levels = 2**40 + 12345, shape["max_depth"] + 1
+    keys = torch.tensor([7, 2**62 + 2**33 + 5, 2**32], device=DEVICE) if keyed else None
+    noise = trajectory_noise(problem["e0"], problem["lengths"], problem["pair_user"], shape["max_depth"], seed=seed,
+                             num_levels=num_levels, keys=keys).cpu()
+    pair, pos, channel = (i.numpy() for i in torch.nonzero(noise, as_tuple=True))
+    user, level = (problem[k].cpu().numpy()[pair] for k in ("pair_user", "pair_level"))
+    drawn_values = sum(n * d for n, d in zip(shape["lengths"], shape["depths"], strict=True)) * shape["dim"]
+    assert np.all(level > 0) and len(pair) == drawn_values
+    if keyed:
+        key = keys.cpu().numpy()[user]
+        counters = (level, key & 0xFFFFFFFF, key >> 32)
+    else:
+        counters = (user * num_levels + level, 0 * level, 0 * level)
+    want = philox_normal_reference(seed, pos * shape["dim"] + channel, *counters)
+    np.testing.assert_allclose(noise[pair, pos, channel].numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+KEYED_SHAPE = {"lengths": [5, 2, 7, 4], "depths": [2, 3, 1, 0], "length": 7, "dim": 12, "width": 16, "max_depth": 3}
+
+
+def keyed_noise(problem, users, depths, keys, seed=21):
+    """trajectory_noise of a batch made of the given users of `problem` (rows, lengths), at the
+    given depths, with the given row keys; returns the noise and its packed layout."""
+    users = torch.tensor(users, device=DEVICE)
+    packed = pack_levels(torch.tensor(depths))
+    noise = trajectory_noise(problem["e0"][users], problem["lengths"][users], packed.pair_user.to(DEVICE),
+                             max(depths), seed=seed, num_levels=KEYED_SHAPE["max_depth"] + 1,
+                             keys=torch.tensor(keys, device=DEVICE))
+    return noise, packed
+
+
+def test_keyed_noise_follows_the_row_not_its_place_or_its_batch():
+    """A row with the same key draws bit-identical noise at each shared level when the batch is
+    reordered, reduced, joined by another row or computed to another depth; other keys (also
+    ones differing only in their high word) draw other noise."""
+    problem = make_problem(**KEYED_SHAPE)
+    keys = [11, 2**32 + 11, 2**61 + 3, 0]
+    full, full_packed = keyed_noise(problem, [0, 1, 2, 3], KEYED_SHAPE["depths"], keys)
+    # Users 2 and 0 swapped, joined by a row with a key of its own; user 0 one level shallower.
+    other, other_packed = keyed_noise(problem, [2, 1, 0], [1, 3, 1], [keys[2], 2**40 + 9, keys[0]])
+
+    def pair_of(packed, user, level):
+        return int(torch.nonzero((packed.pair_user == user) & (packed.pair_level == level))[0])
+
+    shared = [(2, 0, 1), (0, 2, 1)]                              # (user in full, user in other, level)
+    for full_user, other_user, level in shared:
+        got = other[pair_of(other_packed, other_user, level)]
+        assert got.abs().sum() > 0
+        assert torch.equal(got, full[pair_of(full_packed, full_user, level)])
+    # Users 0 and 1 have the same length and keys of the same low word: still different noise.
+    n0, n1 = (full[pair_of(full_packed, u, 1)][-2:] for u in (0, 1))
+    assert n0.abs().sum() > 0 and not torch.allclose(n0, n1)
+    # The joined row (key 2**40 + 9) shares user 1's rows but not its noise.
+    for level in (1, 2, 3):
+        mine, theirs = other[pair_of(other_packed, 1, level)], full[pair_of(full_packed, 1, level)]
+        assert mine.abs().sum() > 0 and not torch.allclose(mine, theirs)
+
+
+def test_keyed_and_unkeyed_streams_differ_and_are_both_standard_normal():
+    """Keys 1..B against batch positions 0..B-1 (key 0 would share the first user's unkeyed
+    counters (k, 0, 0), as the module docstring says)."""
+    lengths, depths, length, dim = [16] * 6, [4] * 6, 16, 32
+    problem = make_problem(lengths, depths, length, dim, 64, 4)
+    args = (problem["e0"], problem["lengths"], problem["pair_user"], 4)
+    unkeyed = trajectory_noise(*args, seed=2024).cpu()
+    keyed = trajectory_noise(*args, seed=2024, keys=torch.arange(1, 7, device=DEVICE)).cpu()
+    noisy = problem["pair_level"].cpu() > 0
+    for drawn in (unkeyed[noisy], keyed[noisy]):                # 12288 values each
+        assert abs(drawn.mean().item()) < 0.05
+        assert abs(drawn.var().item() - 1.0) < 0.06
+    assert torch.all(keyed[~noisy] == 0)
+    assert (keyed[noisy] != unkeyed[noisy]).float().mean() > 0.99
+    corr = torch.corrcoef(torch.stack([keyed[noisy].reshape(-1), unkeyed[noisy].reshape(-1)]))[0, 1]
+    assert abs(corr.item()) < 0.05
+
+
+@pytest.mark.parametrize("shape", ["odd_dims", "ragged"])
+def test_keyed_noise_forward_and_backward_match_the_eager_twin_fed_that_noise(shape):
+    """The fused op drawing keyed noise in its kernels (and regenerating it in the backward)
+    equals itself fed the noise trajectory_noise reports for those keys, bit for bit, and the
+    eager twin fed it within the explicit-noise tolerances. odd_dims: D = 24, a depth-0 user."""
+    shape = SHAPES[shape]
+    problem = make_problem(**shape)
+    batch = len(shape["lengths"])
+    keys = torch.tensor([2**62 + 17 * u + 3 for u in range(batch)], device=DEVICE).flip(0)
+    noise = trajectory_noise(problem["e0"], problem["lengths"], problem["pair_user"], shape["max_depth"], seed=5,
+                             num_levels=shape["max_depth"] + 1, keys=keys).to(problem["e0"].dtype)
+    fused = run(fused_diffusion_trajectory, problem, seed=5, keys=keys)
+    given = run(fused_diffusion_trajectory, problem, noise=noise)
+    eager = run(diffusion_trajectory, problem, noise=noise)
+    torch.testing.assert_close(fused[0], given[0], rtol=0, atol=0)
+    torch.testing.assert_close(fused[1], given[1], rtol=0, atol=0)
+    torch.testing.assert_close(fused[0], eager[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1], eager[1], rtol=1e-5, atol=1e-6)
+    for name in eager[2]:
+        torch.testing.assert_close(fused[2][name], given[2][name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(fused[2][name], eager[2][name], rtol=1e-4, atol=1e-5, msg=name)
+    # The keys were used: the unkeyed stream of the same seed gives other reconstructions.
+    unkeyed = run(fused_diffusion_trajectory, problem, seed=5)
+    noisy = problem["pair_level"] > 0
+    assert not torch.allclose(unkeyed[0][noisy], fused[0][noisy])
+
+
 @pytest.mark.parametrize("fn", [diffusion_trajectory, fused_diffusion_trajectory], ids=["eager", "fused"])
 def test_a_pairs_noise_depends_on_its_user_and_level_not_on_the_layout(fn):
     """The probe layout adds level T_u + 1 to every user; the shared (user, level) pairs keep
@@ -210,6 +345,11 @@ def test_bad_inputs_raise_clear_errors():
         fused_diffusion_trajectory(**{**args, "w1": args["w1"].double()})
     with pytest.raises(ValueError, match="lengths must be"):
         fused_diffusion_trajectory(**{**args, "lengths": args["lengths"][:-1]})
+    batch = args["e0"].shape[0]
+    with pytest.raises(TypeError, match="keys must be int64"):
+        fused_diffusion_trajectory(**args, keys=torch.arange(batch, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="keys must be"):
+        fused_diffusion_trajectory(**args, keys=torch.arange(batch + 1, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------- backend choice
