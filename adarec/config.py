@@ -125,6 +125,12 @@ class ModelConfig:
     """ELCRec augmentation: fraction of the sequence shuffled by Reorder, in [0, 1]."""
 
 
+# Why train.zero_stage stops at 2 (also checked on a train.ds_config overlay, engine/ds_config.py).
+ZERO3_REFUSED = ("ZeRO-3 is not supported: it partitions every parameter and gathers it only inside its own "
+                 "module's forward, and these models read weights outside it: the tied item embeddings score "
+                 "items, ADARec hands the denoiser's and the gate's weights to the fused ops")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 300
@@ -164,6 +170,9 @@ class TrainConfig:
     """Capture each member's whole training step (forward, backward, Adam) as CUDA graphs, one per
     batch shape, and replay them (engine/graphed_step.py). One GPU, ZeRO stage 0; bf16 comes from
     autocast over fp32 weights. Off until a GPU run of the device check has passed it (README)."""
+    dist_timeout_s: float = 300.0
+    """Seconds a collective (gradient all-reduce, evaluation sums) may wait for the other ranks
+    before the run stops, naming the rank that is gone (engine/rank_watch.py)."""
     ds_config: str | None = None
     """Optional DeepSpeed JSON (e.g. configs/deepspeed/zero2_offload.json) merged over the config the
     engine builds, for settings the run config does not cover (ZeRO offload, comms, ...)."""
@@ -475,8 +484,9 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
     choice("train.precision", ("auto", "fp32", "bf16"))
     choice("train.bf16_mode", ("auto", "deepspeed", "autocast"))
     need(0 <= t.zero_stage <= 2, "train.zero_stage",
-         "must be 0, 1 or 2 (ZeRO-3 partitions parameters, which models of this size never need)")
+         f"must be 0, 1 or 2 ({ZERO3_REFUSED})")
     need(t.num_threads is None or t.num_threads >= 1, "train.num_threads", "must be >= 1 or null")
+    need(t.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0 seconds")
 
     need(len(e.ks) > 0 and all(k >= 1 for k in e.ks), "eval.ks",
          "must be a non-empty list of integers >= 1")

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adarec.keyed_random import KeyedDraws, Streams
+
 
 def linear_beta_schedule(steps: int = 50, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """DDPM's linear beta schedule, float64 [steps]; beta[i] is the beta of step i + 1."""
@@ -162,6 +164,7 @@ def diffusion_trajectory(
     seed: int | None = None,
     zero_noise: bool = False,
     loss_weight: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reconstructions Ehat [P, L, D] of every computed pair and the denoising loss L_deno.
 
@@ -169,7 +172,10 @@ def diffusion_trajectory(
     given for exact comparisons. By default eps is N(0, 1) drawn per (user, level) on a
     [B, levels, L, D] grid from `generator` (or a generator seeded with `seed`), so a pair's noise
     does not depend on which other pairs are computed; the fused twin draws a different but
-    equally distributed stream with the same keying. `zero_noise` is eps = 0. Level-0 rows are E^0.
+    equally distributed stream with the same keying. With `keys` [B] (int64 row keys, what
+    training passes) the grid is drawn by row key instead (adarec/keyed_random.py; `seed` and
+    `generator` are then unused), so a row's noise does not depend on its place in the batch.
+    `zero_noise` is eps = 0. Level-0 rows are E^0.
     L_deno = mean over pairs with level >= 1, loss_weight (default 1) and valid positions of
     ||eps_hat - eps||^2 / D, the weights counting in the mean (zero when nothing enters it).
     """
@@ -178,6 +184,9 @@ def diffusion_trajectory(
     x0 = e0[pair_user]
     if zero_noise:
         noise = torch.zeros_like(x0)
+    elif noise is None and keys is not None:
+        grid = KeyedDraws(keys, Streams.DIFFUSION).normal((sqrt_abar.numel(), *e0.shape[1:]), x0.dtype)
+        noise = grid[pair_user, pair_level]
     elif noise is None:
         if seed is not None:
             generator = torch.Generator(device=x0.device).manual_seed(int(seed))

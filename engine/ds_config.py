@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from adarec.config import ZERO3_REFUSED
 from adarec.errors import ConfigError
 
 
@@ -87,6 +88,8 @@ def build_ds_config(train_cfg, world_size: int, device: torch.device, autocast: 
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     if train_cfg.ds_config:
         config = _deep_merge(config, _read_json(train_cfg.ds_config))
+        if int(config.get("zero_optimization", {}).get("stage", 0)) >= 3:
+            raise ConfigError(f"{train_cfg.ds_config}: zero_optimization.stage 3: {ZERO3_REFUSED}")
     if autocast:
         config["bf16"] = {"enabled": False}
         config.pop("data_types", None)

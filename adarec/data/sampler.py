@@ -22,6 +22,7 @@ import torch
 
 from adarec.data.augment import random_views
 from adarec.data.split import SplitData
+from adarec.keyed_random import KeyedDraws, Streams, as_draws, row_keys
 
 __all__ = ["TARGET_BUCKET", "TrainBatchSampler", "sample_negatives", "target_rows"]
 
@@ -38,19 +39,19 @@ def target_rows(target_pos: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def sample_negatives(seen_sorted: torch.Tensor, seen_count: torch.Tensor,
-                     shape_or_like: torch.Tensor, num_items: int,
-                     gen: torch.Generator) -> torch.Tensor:
+                     shape_or_like: torch.Tensor, num_items: int, draws) -> torch.Tensor:
     """For every element of ``shape_or_like`` [B, L], an item uniform over {1..N} minus row b's seen set.
 
     ``seen_sorted`` [B, S] holds each row's unique seen items ascending, padded with a sentinel
     > N + S; ``seen_count`` [B] the number of real entries. If a row has seen every item there is
     no valid negative and the result for that row is unspecified (but still in 1..N).
+    ``draws``: a torch.Generator or row-keyed draws (adarec.keyed_random).
     """
     B, L = shape_or_like.shape
     device = seen_sorted.device
     # Draw the rank r of the negative among the row's unseen items, uniform in [0, N - count).
     free = (num_items - seen_count).clamp_min(1)[:, None]
-    u = torch.rand((B, L), generator=gen, device=device, dtype=torch.float64)
+    u = as_draws(draws, B, device).uniform((L,), torch.float64)
     r = torch.minimum(torch.floor(u * free).to(torch.int64), free - 1)
     # Map r to the r-th unseen item. With h_i the seen items ascending (i 0-based),
     # a_i = h_i - 1 - i is the number of unseen items below h_i (non-decreasing in i).
@@ -72,13 +73,17 @@ class TrainBatchSampler:
     """Yields one epoch of training batches for one rank, all tensors on ``device``.
 
     Every epoch's randomness is derived from (seed, epoch) for the row permutation (identical on
-    all ranks, so each rank takes the disjoint slice ``perm[rank::world_size]``) and from
-    (seed, rank, epoch) for negatives and views (different per rank). Reseeding per epoch makes
+    all ranks, so each rank takes the disjoint slice ``perm[rank::world_size]``, and the union of
+    the ranks' i-th batches is the one-rank i-th batch) and from (seed, epoch, row) for everything
+    drawn for a row: its key ``row_key`` (adarec.keyed_random.row_keys) drives its negatives and
+    views here and its Gumbel and diffusion noise in the model, so a row gets the same numbers on
+    whichever rank it lands (docs/method.md, "Data parallelism"). Reseeding per epoch makes
     ``epoch(e)`` a pure function of the constructor arguments and ``e``: a resumed run reproduces
     an uninterrupted one even if an earlier epoch was stopped part-way.
 
     Each batch: ``input_ids``, ``target_pos``, ``target_neg`` (0 where ``target_pos`` is 0),
-    ``target_rows`` (module docstring), ``user`` and, with ``with_views``, ``view1`` / ``view2``.
+    ``target_rows`` (module docstring), ``user``, ``row_key`` and, with ``with_views``,
+    ``view1`` / ``view2``.
     The per-rank batch size is ``batch_size // world_size`` and the last partial batch is kept.
     When the row count is not a multiple of ``world_size`` ranks can differ by one step; ``pad_ranks=True`` pads the
     permutation with its first rows (as torch's DistributedSampler does) so every rank gets the
@@ -135,20 +140,24 @@ class TrainBatchSampler:
         rows_host = perm[self.rank :: self.world_size]
         rows = rows_host.to(self.device)
         rows_host = rows_host.numpy()
-        g = self._generator(_derived_seed(self.seed, epoch, 1, self.rank))
+        # One training row per user: keying by the row is keying by (seed, epoch, user).
+        keys = torch.from_numpy(row_keys(self.seed, epoch, rows_host)).to(self.device)
         for i in range(len(self)):
             part = slice(i * self.local_batch, (i + 1) * self.local_batch)
-            idx = rows[part]
+            idx, key = rows[part], keys[part]
             targets = int(self._row_targets[rows_host[part]].sum())
             bucket = min(math.ceil(max(targets, 1) / TARGET_BUCKET) * TARGET_BUCKET, idx.numel() * self._positions)
             user = s.train_user[idx]
             inp, pos = s.train_input[idx], s.train_target[idx]
-            neg = sample_negatives(s.seen_sorted[user], s.seen_count[user], pos, s.num_items, g)
+            neg = sample_negatives(s.seen_sorted[user], s.seen_count[user], pos, s.num_items,
+                                   KeyedDraws(key, Streams.NEGATIVES))
             batch = {"input_ids": inp, "target_pos": pos, "target_rows": target_rows(pos, bucket),
-                     "target_neg": torch.where(pos > 0, neg, torch.zeros_like(neg)), "user": user}
+                     "target_neg": torch.where(pos > 0, neg, torch.zeros_like(neg)), "user": user,
+                     "row_key": key}
             if self.with_views:
-                batch["view1"] = random_views(inp, g, *self.ratios)
-                batch["view2"] = random_views(inp, g, *self.ratios)
+                views = KeyedDraws(key, Streams.VIEWS)
+                batch["view1"] = random_views(inp, views, *self.ratios)
+                batch["view2"] = random_views(inp, views, *self.ratios)
             yield batch
 
     def state_dict(self) -> dict:

@@ -30,6 +30,8 @@ from torch import nn
 
 from adarec.backends import fusion_function, trajectory_function
 from adarec.diffusion import Denoiser, PackedLevels, grid_levels, level_tables, pack_levels
+from adarec.keyed_random import KeyedDraws, Streams
+from adarec.parallel import gather_rows, global_mean, world_size
 from adarec.profiling import nvtx
 
 from .controller import DepthController
@@ -65,9 +67,11 @@ def coarse_contrastive_loss(z: torch.Tensor, packed: PackedLevels, depths: torch
         grid = unit.new_zeros(levels, batch, unit.shape[-1]).index_put((packed.pair_level, packed.pair_user), unit)
         active = torch.zeros(levels, batch, dtype=torch.bool, device=z.device).index_put(
             (packed.pair_level, packed.pair_user), active_pairs)
-    logits = torch.bmm(grid[:-1], grid[1:].transpose(1, 2)) / temperature      # [T, B(anchor), B(cand)]
     level, targets = _anchor_constants(max_depth, batch, z.device)
     is_anchor = (level >= depths[None] // 2) & (level <= depths[None] - 1)    # [T, B]
+    if world_size() > 1:
+        return _global_contrastive(grid, is_anchor, depths, temperature)
+    logits = torch.bmm(grid[:-1], grid[1:].transpose(1, 2)) / temperature      # [T, B(anchor), B(cand)]
     # Candidates below the anchor's level + 1 are out (-inf); rows that are not anchors may have no
     # candidate at all, so theirs get 0 instead: finite logits, and no weight below.
     out = torch.where(is_anchor[..., None], float("-inf"), 0.0)
@@ -75,6 +79,30 @@ def coarse_contrastive_loss(z: torch.Tensor, packed: PackedLevels, depths: torch
     per_anchor = F.cross_entropy(logits.reshape(-1, batch), targets, reduction="none").view(max_depth, batch)
     weight = is_anchor.float()
     return (per_anchor * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def _global_contrastive(grid: torch.Tensor, is_anchor: torch.Tensor, depths: torch.Tensor,
+                        temperature: float) -> torch.Tensor:
+    """L_cont with data-parallel ranks: this rank's anchors against the candidates of every
+    rank's users (adarec/parallel.py), as this rank's share of the global mean over anchors.
+
+    The candidates' activity at the last position is level <= T_v, rebuilt from the gathered
+    depths; so is the global anchor count (sum over users of T - floor(T / 2)): no other
+    collective is needed."""
+    levels, batch = grid.shape[:2]
+    cand, first = gather_rows(grid.transpose(0, 1).contiguous())              # [M, levels, D]
+    cand = cand.transpose(0, 1)                                                 # [levels, M, D]
+    all_depths, _ = gather_rows(depths)
+    level_ids = torch.arange(levels, device=grid.device)[:, None]
+    active = level_ids <= all_depths[None]                                      # [levels, M]
+    logits = torch.bmm(grid[:-1], cand[1:].transpose(1, 2)) / temperature      # [T, B, M]
+    out = torch.where(is_anchor[..., None], float("-inf"), 0.0)
+    logits = torch.where(active[1:, None, :], logits, out)
+    targets = (first + torch.arange(batch, device=grid.device)).repeat(levels - 1)
+    per_anchor = F.cross_entropy(logits.reshape(-1, cand.shape[1]), targets, reduction="none")
+    total = (per_anchor.view(levels - 1, batch) * is_anchor.float()).sum()
+    anchors = (all_depths - all_depths // 2).sum().float()
+    return total * world_size() / anchors.clamp_min(1.0)
 
 
 # Unbounded: one entry per shape, and a captured CUDA graph may hold pointers into them.
@@ -116,15 +144,19 @@ class ADARec(ELCRec):
         self._stats: dict[str, torch.Tensor] | None = None
 
     # -- the forward path shared by training and scoring ---------------------------------------
-    def user_representation(self, input_ids: torch.Tensor, last_only: bool = False) -> dict:
+    def user_representation(self, input_ids: torch.Tensor, last_only: bool = False,
+                            row_keys: torch.Tensor | None = None) -> dict:
         """h [B, L, D] and the intermediate outputs. `last_only` (evaluation) builds only the levels
-        the last position uses, so h is exact there and only there."""
+        the last position uses, so h is exact there and only there. `row_keys` (training batches
+        carry them) key the Gumbel and diffusion noise by row (adarec/keyed_random.py); without
+        them the noise comes from torch's RNG."""
         e0 = self.encoder.embed(input_ids)
         with nvtx.phase("controller"):
-            decision = self.controller(e0, input_ids)
+            gumbel = KeyedDraws(row_keys, Streams.GUMBEL) if row_keys is not None else None
+            decision = self.controller(e0, input_ids, gumbel)
             packed = self._pack(decision, last_only)
         with nvtx.phase("trajectory"):
-            e_hat, l_deno = self._trajectory(e0, input_ids, packed)
+            e_hat, l_deno = self._trajectory(e0, input_ids, packed, row_keys)
         with nvtx.phase("experts"):
             pair_ids = input_ids[packed.pair_user]
             fine = self.encoder.encode(e_hat, pair_ids)                 # [P, L, D], causal attention
@@ -152,9 +184,10 @@ class ADARec(ELCRec):
             return grid_levels(depths, self.max_depth)
         return pack_levels(depths, self.max_depth, self.depth_gradient if self.training else "none")
 
-    def _trajectory(self, e0: torch.Tensor, input_ids: torch.Tensor,
-                    packed: PackedLevels) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ehat [P, L, D] and L_deno; evaluation follows model.eval_noise (docs/method.md 2.2)."""
+    def _trajectory(self, e0: torch.Tensor, input_ids: torch.Tensor, packed: PackedLevels,
+                    row_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ehat [P, L, D] and L_deno; evaluation follows model.eval_noise (docs/method.md 2.2).
+        With several data-parallel ranks L_deno is this rank's share of the global mean."""
         lengths = (input_ids > 0).sum(1)
         evaluating = not self.training
         if evaluating and self.eval_noise == "clean":
@@ -165,12 +198,20 @@ class ADARec(ELCRec):
             noise = self.fixed_noise[:, -e0.shape[1]:].to(e0.dtype)[packed.pair_level]
         den = self.denoiser
         trajectory = trajectory_function(self.kernel_backend, e0.device)
-        return trajectory(
+        # Keyed noise: the same row gets the same noise on every rank (adarec/keyed_random.py).
+        keyed = {} if row_keys is None or noise is not None else {"keys": row_keys, "seed": Streams.DIFFUSION}
+        loss_weight = packed.pair_active.to(torch.float32)
+        e_hat, l_deno = trajectory(
             e0, lengths, packed.pair_user, packed.pair_level, self.sqrt_abar, self.sqrt_one_minus_abar,
             den.fc1.weight, den.fc1.bias, den.step_table(), den.fc2.weight, den.fc2.bias,
             noise=noise, zero_noise=evaluating and self.eval_noise == "zero",
-            loss_weight=packed.pair_active.to(torch.float32),
+            loss_weight=loss_weight, **keyed,
         )
+        if self.training and world_size() > 1:
+            # L_deno is a mean over (pair, position) terms, as many as the noised levels' items.
+            count = (lengths[packed.pair_user] * (packed.pair_level > 0) * loss_weight).sum()
+            l_deno = global_mean(l_deno * count.detach(), count)
+        return e_hat, l_deno
 
     def _route(self, pooled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """g = sigmoid(MLP([pool_k[i] ; emb(k)])) per (pair, position): [P, L].
@@ -185,7 +226,7 @@ class ADARec(ELCRec):
         return torch.sigmoid(last(act(pre))).squeeze(-1)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = self.user_representation(batch["input_ids"])
+        out = self.user_representation(batch["input_ids"], row_keys=batch.get("row_key"))
         with nvtx.phase("losses"):
             return self._objective(out, batch)
 
@@ -238,6 +279,12 @@ class ADARec(ELCRec):
         """The device counters behind pop_epoch_stats (empty before the first training step)."""
         return list(self._stats.values()) if self._stats is not None else []
 
+    def _summed_over_ranks(self) -> dict[str, torch.Tensor]:
+        total = {k: v.clone() for k, v in self._stats.items()}
+        for value in total.values():
+            torch.distributed.all_reduce(value)
+        return total
+
     def pop_epoch_stats(self) -> dict[str, float | None]:
         """Since the last call: the histogram of the sequence depths T_u (last position), the
         mean router weight per level active at the last position, and three fractions of the
@@ -245,7 +292,9 @@ class ADARec(ELCRec):
         position (what scoring weighs), needed by some position, and computed."""
         if self._stats is None:
             return {}
-        s = {k: v.to("cpu", copy=True) for k, v in self._stats.items()}
+        # With several ranks each counted its own rows: the epoch's statistics are their sums.
+        stats = self._summed_over_ranks() if world_size() > 1 else self._stats
+        s = {k: v.to("cpu", copy=True) for k, v in stats.items()}
         # Zeroed in place, not replaced: a captured training step (engine/graphed_step.py) keeps
         # adding into these very tensors.
         for value in self._stats.values():

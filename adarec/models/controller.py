@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adarec.keyed_random import as_draws
+
 from .encoder import masked_mean, prefix_mean
 
 
@@ -86,11 +88,13 @@ class DepthController(LengthAwareGRU):
         """[B, L, T_max + 1]."""
         return super().forward(e0, input_ids)
 
-    def forward(self, e0: torch.Tensor, input_ids: torch.Tensor,
-                generator: torch.Generator | None = None) -> DepthDecision:
+    def forward(self, e0: torch.Tensor, input_ids: torch.Tensor, generator=None) -> DepthDecision:
+        """`generator`: where the Gumbel noise comes from: a torch.Generator, row-keyed draws
+        (adarec.keyed_random.KeyedDraws, what training uses) or None (torch's global RNG)."""
         logits = self.logits(e0, input_ids)
         if self.training:
-            uniform = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-10, 1 - 1e-10)
+            draws = as_draws(generator, logits.shape[0], logits.device)
+            uniform = draws.uniform(tuple(logits.shape[1:])).clamp(1e-10, 1 - 1e-10)
             gumbel = -torch.log(-torch.log(uniform))
             probs = F.softmax((logits + gumbel) / self.tau, dim=-1)
         else:

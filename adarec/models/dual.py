@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adarec.diffusion import linear_beta_schedule
+from adarec.keyed_random import KeyedDraws, Streams
+from adarec.parallel import global_mean
 
 from .controller import LengthAwareGRU
 from .elcrec import ELCRec
@@ -45,12 +47,19 @@ class NoisedELCRec(ELCRec):
         self.copy_controller = LengthAwareGRU(cfg.hidden_size, max_len, len(steps))
         self.copy_controller.apply(self.encoder._init_weights)
 
-    def paths(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The raw and noised encodings [B, L, D] and the per-position copy weights [B, L, copies]."""
+    def paths(self, ids: torch.Tensor, row_keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The raw and noised encodings [B, L, D] and the per-position copy weights [B, L, copies].
+        `row_keys` (training batches carry them) key the noise by row (adarec/keyed_random.py);
+        without them it comes from torch's RNG."""
         e0 = self.encoder.embed(ids)
         raw = self.encoder.encode(e0, ids)
         weights = F.softmax(self.copy_controller(e0, ids), dim=-1)   # [B, L, copies]
-        noise = torch.randn((len(self.sqrt_abar), *e0.shape), device=e0.device, dtype=e0.dtype)
+        count = len(self.sqrt_abar)
+        if row_keys is None:
+            noise = torch.randn((count, *e0.shape), device=e0.device, dtype=e0.dtype)
+        else:
+            noise = KeyedDraws(row_keys, Streams.NOISED_COPIES).normal((count, *e0.shape[1:]), e0.dtype)
+            noise = noise.transpose(0, 1)                                # [copies, B, L, D]
         copies = self.sqrt_abar.to(e0.dtype)[:, None, None, None] * e0 + \
             self.sqrt_one_minus_abar.to(e0.dtype)[:, None, None, None] * noise   # [copies, B, L, D]
         mixed = torch.einsum("blc,cbld->bld", weights.to(e0.dtype), copies)
@@ -58,11 +67,12 @@ class NoisedELCRec(ELCRec):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = batch["input_ids"]
-        out = self.paths(ids)
+        out = self.paths(ids, batch.get("row_key"))
         raw, noised, weights = out["raw"], out["noised"], out["weights"]
         valid = (ids > 0).unsqueeze(-1).float()
-        consistency = ((noised.float() - raw.detach().float()).pow(2) * valid).sum() / \
-            (valid.sum() * noised.shape[-1]).clamp_min(1.0)
+        # A mean over item positions: over the global batch's with several ranks (adarec/parallel.py).
+        consistency = global_mean(((noised.float() - raw.detach().float()).pow(2) * valid).sum(),
+                                  valid.sum() * noised.shape[-1])
         # Entropy of the copy weights, averaged over item positions.
         entropy = masked_mean(-(weights * torch.log(weights.clamp_min(1e-12))).sum(-1, keepdim=True), ids).mean()
         terms = {

@@ -7,6 +7,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from adarec.parallel import gather_rows, global_mean, world_size
+
 
 def bce_next_item_loss(hidden, item_embeddings, target_pos, target_neg) -> torch.Tensor:
     """SASRec's BCE with one sampled negative per position, averaged over real targets."""
@@ -14,7 +16,8 @@ def bce_next_item_loss(hidden, item_embeddings, target_pos, target_neg) -> torch
     neg = (hidden * item_embeddings(target_neg)).sum(-1).float()
     is_target = (target_pos > 0).float()
     per_position = -(F.logsigmoid(pos) + F.logsigmoid(-neg)) * is_target
-    return per_position.sum() / is_target.sum().clamp_min(1.0)
+    # Over the global batch's targets with several ranks (adarec/parallel.py).
+    return global_mean(per_position.sum(), is_target.sum())
 
 
 def ce_next_item_loss(hidden, item_weight, target_pos, target_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,6 +33,10 @@ def ce_next_item_loss(hidden, item_weight, target_pos, target_rows: torch.Tensor
     if target_rows is not None:
         flat_hidden, flat_target = flat_hidden.index_select(0, target_rows), flat_target.index_select(0, target_rows)
     logits = (flat_hidden @ item_weight[1:-1].t()).float()
+    if world_size() > 1:
+        # The mean over the global batch's targets, whose count differs between ranks.
+        total = F.cross_entropy(logits, flat_target - 1, ignore_index=-1, reduction="sum")
+        return global_mean(total, (flat_target > 0).sum())
     # The mean over the targets. A batch without any would give 0 / 0; the sampler never makes
     # one (every training row has a target), and a guard would cost launches in every step.
     return F.cross_entropy(logits, flat_target - 1, ignore_index=-1)
@@ -57,7 +64,12 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 1.0,
     positive is row (i + n) mod 2n, and what is not a candidate (the row itself, and with groups
     the rest of its group apart from its positive) is set to -inf. The cross-entropy does not
     depend on the order of a row's candidates, so this is SimCLR's loss in a handful of kernels.
+
+    With several data-parallel ranks the candidates are the rows of the whole global batch
+    (_nt_xent_global).
     """
+    if world_size() > 1:
+        return _nt_xent_global(a, b, temperature, groups)
     n = a.shape[0]
     x = torch.cat([a, b]).float()
     logits = (x @ x.t()) / temperature
@@ -71,6 +83,30 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 1.0,
     return F.cross_entropy(logits, positive)
 
 
+def _nt_xent_global(a: torch.Tensor, b: torch.Tensor, temperature: float,
+                    groups: torch.Tensor | None) -> torch.Tensor:
+    """nt_xent over the global batch: this rank's 2n rows are the anchors, the 2m rows of every
+    rank the candidates, so the ranks' losses average to the one-rank loss at batch m."""
+    a_all, first = gather_rows(a)
+    b_all, _ = gather_rows(b)
+    n, m = a.shape[0], a_all.shape[0]
+    x = torch.cat([a_all, b_all]).float()                                   # [2m, D]
+    own = torch.arange(first, first + n, device=a.device)
+    anchor_rows = torch.cat([own, own + m])                                 # this rank's rows of x
+    # Anchors taken from the gathered tensor, so their gradient also returns through the gather.
+    logits = (x.index_select(0, anchor_rows) @ x.t()) / temperature         # [2n, 2m]
+    positive = torch.remainder(anchor_rows + m, 2 * m)
+    cols = torch.arange(2 * m, device=a.device)[None, :]
+    excluded = cols == anchor_rows[:, None]
+    if groups is not None:
+        both, _ = gather_rows(groups)
+        both = torch.cat([both, both])
+        excluded = (both[anchor_rows][:, None] == both[None, :]) & (cols != positive[:, None])
+    logits = torch.where(excluded, float("-inf"), logits)
+    total = F.cross_entropy(logits, positive, reduction="sum")
+    return global_mean(total, torch.tensor(2.0 * n, device=a.device))
+
+
 def cluster_loss(samples: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """ELCRec's cluster term on unit vectors: mean sample-centre squared distance minus mean
     centre-centre squared distance, both over all pairs (the reference code's K x K mean keeps
@@ -79,6 +115,9 @@ def cluster_loss(samples: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     For unit vectors ||x - y||^2 = 2 - 2 x.y, so both means reduce to dot products with the sum
     of the centres c: (2 - 2 mean(x).c / K) - (2 - 2 c.c / K^2) = 2 (c.c / K - mean(x).c) / K,
     which costs O((B + K) D) instead of the B x K and K x K distance matrices.
+
+    Linear in the mean of the samples, so with data-parallel ranks of equal batch sizes the
+    ranks' values average to the global batch's (adarec/parallel.py).
     """
     k = centers.shape[0]
     center_sum = centers.sum(0)

@@ -1,0 +1,151 @@
+"""Random draws keyed by training row: a row gets the same numbers wherever it is computed.
+
+Data-parallel training splits every global batch over the ranks (docs/method.md, "Data
+parallelism"). For N ranks at batch B / N to train the model one rank trains at batch B, each
+random number that belongs to a row (its negatives, its augmented views, its Gumbel noise, its
+diffusion noise) must not depend on which rank, or which position of the local batch, the row
+lands in. So those draws are a pure function of (row key, stream, call, element):
+
+- the sampler gives every row of an epoch a 62-bit key derived from (seed, epoch, row)
+  (`row_keys`, on the host);
+- `KeyedDraws(keys, stream)` turns the keys of a batch [B] into draws [B, ...] with a
+  counter-based hash (no generator state): the purpose (`stream`) salts the key, and the call
+  number and the element index make the counter.
+
+The hash works on 32-bit words held in int64 tensors with multipliers below 2**27, so no
+product overflows and CPU and CUDA give bit-identical results; it runs on the device without a
+host sync. A row's state is its 62-bit key in two words, so two rows' sequences coincide only
+if their keys do. This is statistical quality for sampling, not cryptography.
+
+`GeneratorDraws` gives the same interface over a `torch.Generator` (unit tests, and callers
+that have no row keys).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["GeneratorDraws", "KeyedDraws", "Streams", "as_draws", "row_keys"]
+
+_MASK32 = 0xFFFFFFFF
+# Below 2**27: a 32-bit word times this stays under 2**59, so int64 never overflows.
+_MUL = 0x45D9F3B
+_TWO_PI = 2.0 * math.pi
+# Counter values per call: a row's calls draw from disjoint blocks of its 2**32 counters.
+_CALL_SPAN = 2**24
+
+
+class Streams:
+    """One stream id per purpose, so that no two kinds of draw share numbers."""
+
+    NEGATIVES = 1
+    VIEWS = 2
+    GUMBEL = 3
+    DIFFUSION = 4
+    NOISED_COPIES = 5
+
+
+def row_keys(seed: int, epoch: int, rows: np.ndarray) -> np.ndarray:
+    """62-bit keys (int64 >= 0) of training rows in an epoch: SplitMix64 of (seed, epoch, row)."""
+    with np.errstate(over="ignore"):
+        x = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)) ^ (np.uint64(epoch) << np.uint64(40))
+        x = x + np.asarray(rows, dtype=np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+        for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            x = (x ^ (x >> np.uint64(shift))) * np.uint64(mul)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(2)).astype(np.int64)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit mixer (xor-shift-multiply) on values in [0, 2**32) held as int64."""
+    x = ((x >> 16) ^ x) * _MUL & _MASK32
+    x = ((x >> 16) ^ x) * _MUL & _MASK32
+    return (x >> 16) ^ x
+
+
+def _mix32_int(x: int) -> int:
+    """_mix32 of a Python integer (salts are computed on the host, not as tensors)."""
+    x &= _MASK32
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * _MUL) & _MASK32
+    return (x >> 16) ^ x
+
+
+def _uniform32(bits: torch.Tensor) -> torch.Tensor:
+    """The top 24 bits as a float32 in (0, 1), never 0 or 1."""
+    return ((bits >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
+
+
+class KeyedDraws:
+    """Draws for the rows of a batch from their keys [B] (int64): every result is [B, *tail].
+
+    Successive calls give independent numbers (each call has its own block of counters), so a
+    function may draw several times; the sequence of calls must be the same wherever the rows
+    are processed, which it is since it depends on shapes only.
+    """
+
+    def __init__(self, keys: torch.Tensor, stream: int):
+        if keys.dtype != torch.int64 or keys.dim() != 1:
+            raise ValueError(f"row keys must be a 1-D int64 tensor, got {keys.dtype} {tuple(keys.shape)}")
+        self.keys, self.stream = keys, int(stream)
+        self._calls = 0
+        # The keys are already well mixed (row_keys is SplitMix64), so a row's two state words are
+        # its key's halves with the stream's salts folded in: four cheap ops, not a hash per row.
+        self._state = ((keys & _MASK32) ^ _mix32_int(self.stream * 0x9E3779B1),
+                       (keys >> 32) ^ _mix32_int(self.stream * 0x85EBCA77 + 1))
+
+    @property
+    def rows(self) -> int:
+        return self.keys.shape[0]
+
+    def bits(self, tail: tuple[int, ...]) -> torch.Tensor:
+        """Uniform 32-bit words [B, *tail] as int64 in [0, 2**32)."""
+        count = math.prod(tail)
+        if count > _CALL_SPAN or self._calls >= 2**32 // _CALL_SPAN:
+            raise ValueError(f"keyed draws take at most {_CALL_SPAN} numbers per row per call and "
+                             f"{2**32 // _CALL_SPAN} calls; asked {count} at call {self._calls}")
+        # The call number selects a block of the 32-bit counter: no per-call work on the rows.
+        first = self._calls * _CALL_SPAN
+        self._calls += 1
+        a, b = self._state
+        counter = torch.arange(first, first + count, device=self.keys.device, dtype=torch.int64)
+        out = _mix32(_mix32(a[:, None] ^ counter[None, :]) ^ b[:, None])
+        return out.view(self.rows, *tail)
+
+    def uniform(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Uniform in (0, 1) [B, *tail]; float64 takes 53 bits from two words."""
+        if dtype == torch.float64:
+            high, low = self.bits(tail), self.bits(tail)
+            return ((high >> 6).to(torch.float64) * 2.0 ** 26 + (low >> 6).to(torch.float64) + 0.5) * 2.0 ** -52
+        return _uniform32(self.bits(tail)).to(dtype)
+
+    def normal(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normal [B, *tail] (Box-Muller on two uniforms), computed in float32."""
+        u1, u2 = self.uniform(tail), self.uniform(tail)
+        return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)).to(dtype)
+
+
+class GeneratorDraws:
+    """KeyedDraws' interface over a torch.Generator (or torch's global RNG when None)."""
+
+    def __init__(self, generator: torch.Generator | None, rows: int, device: torch.device | str | None = None):
+        self.generator, self.rows = generator, rows
+        self.device = generator.device if generator is not None else device
+
+    def uniform(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.rand((self.rows, *tail), generator=self.generator, device=self.device, dtype=dtype)
+
+    def normal(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn((self.rows, *tail), generator=self.generator, device=self.device, dtype=dtype)
+
+
+def as_draws(source, rows: int, device: torch.device | str | None = None):
+    """KeyedDraws / GeneratorDraws pass through; a torch.Generator or None is wrapped."""
+    if isinstance(source, (KeyedDraws, GeneratorDraws)):
+        if source.rows != rows:
+            raise ValueError(f"draws are for {source.rows} rows, the batch has {rows}")
+        return source
+    return GeneratorDraws(source, rows, device)
