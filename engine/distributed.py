@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -38,11 +39,29 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def setup_distributed(requested_device: str) -> DistInfo:
+def _default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Give the groups created later the timeout of the default group.
+
+    DeepSpeed builds its data-parallel group (the one of the gradient all-reduce) with
+    `torch.distributed.new_group(ranks)`, which takes torch's module default (30 minutes), not the
+    timeout the default group was created with; torch reads that default when the group is made.
+    """
+    from torch.distributed import distributed_c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):     # gloo's, NCCL's
+        if getattr(distributed_c10d, name, None) is not None:
+            setattr(distributed_c10d, name, timeout)
+
+
+def setup_distributed(requested_device: str, timeout_s: float) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed.
 
     Under `deepspeed --num_gpus N` the launcher sets RANK/WORLD_SIZE/MASTER_*; a plain
     `adarec train` gets a one-process group on a free local port so the same engine code runs.
+    timeout_s (train.dist_timeout_s) bounds how long a collective of any group waits for the other
+    ranks: a rank that is stopped or whose node vanished ends the run after that long rather than
+    torch's default 30 minutes (engine/rank_watch.py then names it). gloo notices a peer whose
+    process died at once.
     """
     import deepspeed
 
@@ -52,9 +71,11 @@ def setup_distributed(requested_device: str) -> DistInfo:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   verbose=False)
+                                   timeout=timeout, verbose=False)
+    _default_group_timeout(timeout)
     return DistInfo(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),

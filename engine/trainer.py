@@ -32,13 +32,36 @@ from adarec.config import RunConfig, save_config
 from adarec.errors import AdarecError
 from adarec.models import build_members, scorer
 
-from .checkpoint import atomic_torch_save, atomic_write_json, latest_tag, prune_checkpoints, rng_state, set_rng_state
+from .checkpoint import (
+    LOAD_ERRORS,
+    atomic_torch_save,
+    atomic_write_json,
+    check_free_space,
+    checkpoint_bytes_estimate,
+    commit_tag,
+    describe_load_failure,
+    describe_unresumable,
+    describe_write_failure,
+    discard_tag,
+    find_resume_point,
+    is_write_failure,
+    load_rank_rng,
+    probe_output_dir,
+    rng_file,
+    rng_state,
+    set_rng_state,
+    share_from_rank0,
+    sync_ranks,
+    tag_name,
+    tree_bytes,
+)
 from .curves import plot_curves
 from .data_setup import load_split
 from .distributed import DistInfo, pick_device, setup_distributed
 from .ds_config import build_ds_config, resolve_precision, use_autocast
 from .evaluator import batch_metric_sums, evaluate_split
 from .graphed_step import GraphedStep, check_graph_config
+from .rank_watch import RankWatch
 from .run_log import RunLog, setup_logging
 
 log = logging.getLogger("adarec.train")
@@ -137,28 +160,69 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        tag = f"epoch{self.state.epochs_done}"
-        client = {"train_state": asdict(self.state), "sampler": self.sampler.state_dict(), "rng": rng_state()}
-        for name, engine in self.engines.items():
-            engine.save_checkpoint(str(self.run_dir / CHECKPOINTS / name), tag=tag, client_state=client)
+        """Write this epoch's checkpoint, tag epochN, in every member's folder.
+
+        Every rank writes its DeepSpeed files and its own RNG state; once all ranks are done, rank
+        0 writes each member's manifest (the commit marker) and only then prunes older tags, so the
+        last good checkpoint survives a failure at any point before. A write the file system
+        refuses (disk full, no permission) removes the partial tag and ends the run with an
+        AdarecError naming the folder, the OS error and the checkpoint that is kept.
+        """
+        tag = tag_name(self.state.epochs_done)
+        rng = rng_state()
+        client = {"train_state": asdict(self.state), "sampler": self.sampler.state_dict(), "rng": rng}
+        root = self.run_dir / CHECKPOINTS
+        member_dirs = [root / name for name in self.engines]
+        try:
             if self.dist.is_main:
-                prune_checkpoints(self.run_dir / CHECKPOINTS / name, keep=2)
+                # A folder of this tag can only be left by an attempt the run resumed before.
+                discard_tag(member_dirs, tag)
+            sync_ranks()
+            for name, engine in self.engines.items():
+                engine.save_checkpoint(str(root / name), tag=tag, client_state=client)
+                atomic_torch_save(root / name / tag / rng_file(self.dist.rank), rng)
+            sync_ranks()
+            if self.dist.is_main:
+                commit_tag(member_dirs, tag)
+        except Exception as err:
+            if not is_write_failure(err):
+                raise
+            discard_tag(member_dirs, tag)
+            kept = find_resume_point(member_dirs).tag
+            raise AdarecError(describe_write_failure(err, tag, root, kept)) from err
 
     def restore(self) -> None:
+        """Load the newest checkpoint whose manifest verifies for every member.
+
+        Newer tags that fail (no manifest: an interrupted save; a file missing, truncated or
+        corrupted) are skipped with one warning naming the file and the problem. Rank 0 decides and
+        every rank loads that tag. A run saved before manifests existed loads DeepSpeed's `latest`
+        tag unverified. No loadable tag, or a load that still fails, is an AdarecError.
+        """
+        root = self.run_dir / CHECKPOINTS
+        member_dirs = [root / name for name in self.engines]
+        point = share_from_rank0(find_resume_point(member_dirs) if self.dist.is_main else None)
+        if point.tag is None:
+            raise AdarecError(describe_unresumable(root, point))
+        if point.rejected:
+            log.warning("checkpoint %s; falling back to %s", "; checkpoint ".join(point.rejected), point.tag)
+        if not point.verified:
+            log.warning("checkpoint %s: saved without a manifest (before checksums were recorded); loading it "
+                        "unverified", member_dirs[0] / point.tag)
         client = None
         for name, engine in self.engines.items():
-            ckpt_dir = self.run_dir / CHECKPOINTS / name
-            tag = latest_tag(ckpt_dir)
-            if tag is None:
-                raise AdarecError(f"{self.run_dir}: nothing to resume (no checkpoint in {ckpt_dir})")
-            path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            tag_dir = root / name / point.tag
+            try:
+                path, client = engine.load_checkpoint(str(root / name), tag=point.tag)
+            except LOAD_ERRORS as err:
+                raise AdarecError(describe_load_failure(err, tag_dir)) from err
             if path is None:
-                raise AdarecError(f"{ckpt_dir}: checkpoint {tag!r} could not be loaded")
+                raise AdarecError(f"checkpoint {tag_dir} could not be loaded (DeepSpeed found no checkpoint files)")
         saved = client["train_state"]
         self.state = TrainState(epochs_done=saved["epochs_done"], global_step=saved["global_step"],
                                 members={k: MemberState(**v) for k, v in saved["members"].items()})
         self.sampler.load_state_dict(client["sampler"])
-        set_rng_state(client["rng"])
+        set_rng_state(load_rank_rng(member_dirs[0] / point.tag, self.dist.rank, fallback=client["rng"]))
         # The logs are append-only: a marker supersedes what the checkpoint does not contain.
         for row in self.runlog.mark_resumed(self.state.epochs_done):
             log.warning("extending the run after its test evaluation (%s%d epochs trained, best epoch %d): the test "
@@ -205,7 +269,7 @@ class Trainer:
         bar.close()
         elapsed = time.perf_counter() - start
         self.state.global_step += steps
-        record = {k: float(v) / max(steps, 1) for k, v in sums.items()}
+        record = {k: v / max(steps, 1) for k, v in self._mean_over_ranks(sums).items()}
         if not all(math.isfinite(v) for v in record.values()):
             raise TrainingDiverged(self._diverged_message(epoch_index + 1, steps))
         if not self.single:
@@ -217,6 +281,19 @@ class Trainer:
             if pop_stats is not None:
                 record.update({self._prefixed(name, k): v for k, v in pop_stats().items()})
         return record
+
+    def _mean_over_ranks(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The epoch's loss sums averaged over the ranks: each rank's loss is its share of the
+        global batch's (adarec/parallel.py), so their mean is the global batch's loss. One
+        collective per epoch."""
+        if not sums:
+            return {}
+        names = list(sums)
+        values = torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in names])
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(values)
+            values /= self.dist.world_size
+        return dict(zip(names, values.cpu().tolist(), strict=True))
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -258,8 +335,7 @@ class Trainer:
         return batch_metric_sums(model, inputs, history, targets, ev.ks, ev.protocol)
 
     def _diverged_message(self, epoch: int, step: int) -> str:
-        first = self.run_dir / CHECKPOINTS / next(iter(self.engines))
-        kept = latest_tag(first) or "none yet"
+        kept = find_resume_point([self.run_dir / CHECKPOINTS / name for name in self.engines]).tag or "none yet"
         return (f"non-finite training loss at epoch {epoch}, step {step}; stopped. The last good "
                 f"checkpoint ({kept}) is kept in {self.run_dir / CHECKPOINTS}; lower train.lr or "
                 f"set train.grad_clip, then resume with --resume.")
@@ -337,16 +413,21 @@ def run_training(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[st
     """Train (or resume) a run in run_dir and return its test metrics."""
     run_dir = Path(run_dir)
     is_main = os.environ.get("RANK", "0") == "0"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    probe_output_dir(run_dir)                   # creates it; an unwritable folder fails here, not at epoch 1
     setup_logging(run_dir, is_main)
     nvtx.enable(cfg.profiling.nvtx)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     # Data first: a bad file should fail in a second, before DeepSpeed starts a process group.
     split = load_split(cfg, pick_device(cfg.train.device))
-    dist = setup_distributed(cfg.train.device)
+    dist = setup_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     trainer = Trainer(cfg, run_dir, dist, split, resume)
+    modules = [engine.module for engine in trainer.engines.values()]
+    check_free_space(run_dir, checkpoint_bytes_estimate(modules) - tree_bytes(run_dir / CHECKPOINTS))
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
         atomic_write_json(run_dir / "ds_config.json", trainer.ds_config)
-    return trainer.fit()
+    # A rank that dies mid-run ends the others with a message naming it, not a bare gloo/NCCL error. Its
+    # heartbeats live in run_dir/.ranks, so run_dir must be on a file system all nodes share (as for checkpoints).
+    with RankWatch(run_dir, dist.rank, dist.world_size, run_dir / CHECKPOINTS):
+        return trainer.fit()

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = apply_overrides(load_config(args.config), args.set)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    dist = setup_distributed(cfg.train.device)
+    dist = setup_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     split = load_split(cfg, dist.device)
     env = environment(dist.device)
     rows = []

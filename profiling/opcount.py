@@ -184,7 +184,7 @@ def _build_trainer(config: str, overrides: list[str], run_dir: Path):
     # The GPU's level layout (model.level_layout=auto would pick the compact one on the CPU).
     base = ["train.device=cpu", "train.precision=fp32", "model.level_layout=grid"]
     cfg = apply_overrides(load_config(config), [*base, *overrides])
-    dist = setup_distributed(cfg.train.device)
+    dist = setup_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     split = load_split(cfg, dist.device)
     return Trainer(cfg, run_dir, dist, split, resume=False)
 
