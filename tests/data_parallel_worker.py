@@ -58,6 +58,10 @@ def main() -> None:
     if torch.distributed.get_rank() == 0:
         name = f"world{torch.distributed.get_world_size()}.json"
         (out_dir / name).write_text(json.dumps(record))
+    # Leave together and tear the group down explicitly: a gloo group left to the interpreter's
+    # exit can abort the process ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
