@@ -46,9 +46,11 @@ RUNNING, DONE, FAILED, LEFT = "running", "done", "failed", "left"
 """Heartbeat states: training; finished cleanly; stopped by an error of its own (recorded);
 left because a collective failed (a survivor, not a cause)."""
 
-# What gloo and NCCL put in the RuntimeError of a collective whose peer is gone or late.
-_COLLECTIVE_MARKERS = ("gloo", "nccl", "connection closed by peer", "connection reset by peer", "timed out waiting",
-                       "broken pipe", "processgroup")
+# What gloo and NCCL put in the RuntimeError of a collective whose peer is gone or late. Only the
+# network and timeout wording: a collective called wrongly (mismatched shapes, say) also names
+# gloo or the process group, and it is this rank's bug, not a dead peer.
+_COLLECTIVE_MARKERS = ("connection closed by peer", "connection reset by peer", "timed out waiting", "broken pipe",
+                       "connection refused")
 
 
 class RankLost(AdarecError):
@@ -116,15 +118,23 @@ def pid_alive(pid: int) -> bool:
 
 def stopped_ranks(beats: Mapping[int, Heartbeat | None], now: float, host: str, self_rank: int,
                   stale_after_s: float = STALE_AFTER_S,
-                  is_alive: Callable[[int], bool] = pid_alive) -> dict[int, str]:
+                  is_alive: Callable[[int], bool] = pid_alive, since: float | None = None) -> dict[int, str]:
     """The ranks that stopped, each with why: an error it recorded, its process gone (same host),
     or no heartbeat for stale_after_s while it was training. Ranks that finished, that left after
-    a failed collective themselves, or whose file is missing are not named."""
+    a failed collective themselves, or whose file is missing are not named. A heartbeat older than
+    `since` (when this attempt's watch started) by more than stale_after_s is an earlier attempt's:
+    its rank never reached training this time, whatever that file says."""
     stopped = {}
     for rank, beat in beats.items():
-        if rank == self_rank or beat is None or beat.state in (DONE, LEFT):
+        if rank == self_rank or beat is None:
             continue
         age = max(0.0, now - beat.time)
+        if since is not None and beat.time < since - stale_after_s:
+            stopped[rank] = ("did not reach training in this attempt (its heartbeat is from an earlier one, "
+                             f"{age:.0f} s ago)")
+            continue
+        if beat.state in (DONE, LEFT):
+            continue
         if beat.state == FAILED:
             stopped[rank] = f"stopped with an error: {beat.reason}"
         elif beat.host == host and not is_alive(beat.pid):
@@ -219,6 +229,7 @@ class RankWatch:
         self.host = socket.gethostname()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.started: float | None = None
 
     @property
     def active(self) -> bool:
@@ -228,6 +239,7 @@ class RankWatch:
         if not self.active:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.started = time.time()
         write_heartbeat(self.folder, self.rank, RUNNING)
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-rank{self.rank}", daemon=True)
         self._thread.start()
@@ -246,7 +258,8 @@ class RankWatch:
     def _final(self, state: str, reason: str = "") -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            # Bounded: a hung shared file system must not keep a stopping rank from exiting.
+            self._thread.join(timeout=2 * self.interval_s)
         try:
             write_heartbeat(self.folder, self.rank, state, reason)
         except OSError:
@@ -268,7 +281,8 @@ class RankWatch:
         stopped, beats = self.wait_for_stopped()
         message = describe_stopped(self.rank, beats, stopped, self.folder, exc,
                                    resume_hint(self.run_dir, self.checkpoints))
-        log.error("%s", message)
+        # With no rank to blame, the collective's own traceback is what is left to go on.
+        log.error("%s", message, exc_info=None if stopped else exc)
         if self.end_process:
             # The CLI prints the error and returns; the interpreter's teardown of the broken process
             # group is skipped (registered last, this runs before any other exit handler).
@@ -281,7 +295,7 @@ class RankWatch:
         deadline = time.monotonic() + self.stale_after_s + self.interval_s
         while True:
             beats = read_heartbeats(self.folder, self.world_size)
-            stopped = stopped_ranks(beats, time.time(), self.host, self.rank, self.stale_after_s)
+            stopped = stopped_ranks(beats, time.time(), self.host, self.rank, self.stale_after_s, since=self.started)
             others = [b for r, b in beats.items() if r != self.rank]
             settled = all(b is not None and b.state in (DONE, LEFT) for b in others)
             if stopped or settled or time.monotonic() >= deadline:

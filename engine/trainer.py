@@ -187,7 +187,10 @@ class Trainer:
         except Exception as err:
             if not is_write_failure(err):
                 raise
-            discard_tag(member_dirs, tag)
+            if self.dist.world_size == 1:
+                # With several ranks the others may still be writing into the tag: it is left
+                # without a manifest, which --resume skips and the next save removes.
+                discard_tag(member_dirs, tag)
             kept = find_resume_point(member_dirs).tag
             raise AdarecError(describe_write_failure(err, tag, root, kept)) from err
 
@@ -409,6 +412,14 @@ class Trainer:
         return result
 
 
+def _free_space_error(run_dir: Path, need: int) -> str | None:
+    try:
+        check_free_space(run_dir, need)
+    except AdarecError as err:
+        return str(err)
+    return None
+
+
 def run_training(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, float]:
     """Train (or resume) a run in run_dir and return its test metrics."""
     run_dir = Path(run_dir)
@@ -423,7 +434,11 @@ def run_training(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[st
     dist = setup_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     trainer = Trainer(cfg, run_dir, dist, split, resume)
     modules = [engine.module for engine in trainer.engines.values()]
-    check_free_space(run_dir, checkpoint_bytes_estimate(modules) - tree_bytes(run_dir / CHECKPOINTS))
+    need = checkpoint_bytes_estimate(modules) - tree_bytes(run_dir / CHECKPOINTS)
+    # Decided on rank 0 (the run directory is shared), so that every rank stops or none does.
+    space_error = share_from_rank0(_free_space_error(run_dir, need) if dist.is_main else None)
+    if space_error:
+        raise AdarecError(space_error)
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
         atomic_write_json(run_dir / "ds_config.json", trainer.ds_config)

@@ -162,3 +162,14 @@ def tiny_split():
 
     cfg = load_config(REPO / "configs/elcrec_beauty.yaml", ["data.max_users=90", "train.device=cpu"])
     return load_split(cfg, torch.device("cpu"))
+
+
+def test_rows_padded_onto_the_epoch_draw_new_numbers(tiny_split):
+    """90 rows over 4 ranks: 2 rows are repeated to even the ranks out; the repeats keep their
+    data but get keys (and so negatives and views) of their own."""
+    ranks = [list(TrainBatchSampler(tiny_split, 32, seed=5, rank=r, world_size=4, with_views=True,
+                                    pad_ranks=True).epoch(0)) for r in range(4)]
+    users = torch.cat([b["user"] for r in ranks for b in r])
+    keys = torch.cat([b["row_key"] for r in ranks for b in r])
+    assert users.numel() == 92 and users.unique().numel() == 90
+    assert keys.unique().numel() == 92

@@ -243,3 +243,19 @@ def test_a_killed_rank_is_named_and_resume_matches_an_uninterrupted_run(tmp_path
     expected = json.loads((full / "test_metrics.json").read_text())
     resumed = json.loads((cut / "test_metrics.json").read_text())
     assert resumed == pytest.approx(expected, abs=1e-6), (resumed, expected)
+
+
+def test_a_heartbeat_left_by_an_earlier_attempt_is_not_read_as_this_ones(tmp_path):
+    """A rank that died before reaching training after --resume left only its file of the earlier
+    attempt: it is named as not having started, whatever state that old file records."""
+    now = time.time()
+    write_heartbeat(tmp_path, 0, RUNNING, now=now)
+    write_heartbeat(tmp_path, 1, FAILED, reason="OSError: old failure", now=now - 600)
+    beats = _beats(tmp_path, 2)
+    stopped = stopped_ranks(beats, now, host="elsewhere", self_rank=0, stale_after_s=5, since=now - 2)
+    assert list(stopped) == [1] and "earlier" in stopped[1] and "old failure" not in stopped[1]
+
+
+def test_a_collective_called_wrongly_is_this_ranks_error_not_a_dead_peer():
+    # What gloo raises for mismatched all_gather shapes: a bug of the program, to be raised as is.
+    assert not is_collective_failure(RuntimeError("ProcessGroupGloo::allgather: invalid tensor size at index 1"))

@@ -138,3 +138,19 @@ def test_two_member_run_resumes_exactly_and_evaluates_offline(tmp_path):
     assert resumed == result
     offline = evaluate_run(tmp_path / "a", "test", "cpu")
     assert offline["NDCG@20"] == pytest.approx(result["NDCG@20"], abs=1e-9)
+
+
+def test_the_two_experts_draw_different_noise_for_the_same_row():
+    """Both experts see the same batches and row keys; each must still draw its own noise."""
+    torch.manual_seed(0)
+    e5 = NoisedELCRec(tiny_cfg(), num_items=9, max_len=5, steps=(3, 4)).train()
+    e10 = NoisedELCRec(tiny_cfg(), num_items=9, max_len=5, steps=(8, 9)).train()
+    e10.load_state_dict(e5.state_dict())
+    e10.sqrt_abar, e10.sqrt_one_minus_abar = e5.sqrt_abar, e5.sqrt_one_minus_abar   # same schedule too
+    ids = tiny_batch()["input_ids"]
+    keys = torch.tensor([11, 22, 33])
+    a, b = e5.paths(ids, keys), e10.paths(ids, keys)
+    assert torch.equal(a["raw"], b["raw"])
+    assert not torch.allclose(a["noised"], b["noised"])
+    # The same expert and keys: the same noise (keyed, not drawn from torch's RNG).
+    assert torch.equal(e5.paths(ids, keys)["noised"], a["noised"])

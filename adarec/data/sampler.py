@@ -135,13 +135,18 @@ class TrainBatchSampler:
         s = self.split
         perm = torch.randperm(self.num_rows, generator=self._generator(_derived_seed(self.seed, epoch, 0), "cpu"))
         total = self.rank_rows * self.world_size
+        # Which pass over the permutation each position is: the rows padded onto the end are
+        # repeats, and draw other numbers than their first appearance (their key counts the pass).
+        passes = np.zeros(self.num_rows, dtype=np.int64)
         if self.pad_ranks and self.num_rows and total > self.num_rows:
             perm = perm.repeat(math.ceil(total / self.num_rows))[:total]
+            passes = np.arange(total, dtype=np.int64) // self.num_rows
         rows_host = perm[self.rank :: self.world_size]
         rows = rows_host.to(self.device)
         rows_host = rows_host.numpy()
         # One training row per user: keying by the row is keying by (seed, epoch, user).
-        keys = torch.from_numpy(row_keys(self.seed, epoch, rows_host)).to(self.device)
+        draw_ids = rows_host + self.num_rows * passes[self.rank :: self.world_size]
+        keys = torch.from_numpy(row_keys(self.seed, epoch, draw_ids)).to(self.device)
         for i in range(len(self)):
             part = slice(i * self.local_batch, (i + 1) * self.local_batch)
             idx, key = rows[part], keys[part]

@@ -44,6 +44,8 @@ class NoisedELCRec(ELCRec):
         abar = torch.cumprod(1.0 - linear_beta_schedule(cfg.diffusion_steps), 0)[list(steps)]
         self.register_buffer("sqrt_abar", abar.sqrt().float(), persistent=False)
         self.register_buffer("sqrt_one_minus_abar", (1.0 - abar).sqrt().float(), persistent=False)
+        # Each expert draws its own noise for a row (both see the same batches and row keys).
+        self.noise_stream = (Streams.NOISED_COPIES << 16) | steps[0]
         self.copy_controller = LengthAwareGRU(cfg.hidden_size, max_len, len(steps))
         self.copy_controller.apply(self.encoder._init_weights)
 
@@ -58,7 +60,7 @@ class NoisedELCRec(ELCRec):
         if row_keys is None:
             noise = torch.randn((count, *e0.shape), device=e0.device, dtype=e0.dtype)
         else:
-            noise = KeyedDraws(row_keys, Streams.NOISED_COPIES).normal((count, *e0.shape[1:]), e0.dtype)
+            noise = KeyedDraws(row_keys, self.noise_stream).normal((count, *e0.shape[1:]), e0.dtype)
             noise = noise.transpose(0, 1)                                # [copies, B, L, D]
         copies = self.sqrt_abar.to(e0.dtype)[:, None, None, None] * e0 + \
             self.sqrt_one_minus_abar.to(e0.dtype)[:, None, None, None] * noise   # [copies, B, L, D]

@@ -103,8 +103,8 @@ def _nt_xent_global(a: torch.Tensor, b: torch.Tensor, temperature: float,
         both = torch.cat([both, both])
         excluded = (both[anchor_rows][:, None] == both[None, :]) & (cols != positive[:, None])
     logits = torch.where(excluded, float("-inf"), logits)
-    total = F.cross_entropy(logits, positive, reduction="sum")
-    return global_mean(total, torch.tensor(2.0 * n, device=a.device))
+    # Every rank has 2n anchors, 2m in all: this rank's share of the mean needs no collective.
+    return F.cross_entropy(logits, positive, reduction="sum") * world_size() / (2 * m)
 
 
 def cluster_loss(samples: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
