@@ -118,13 +118,14 @@ class KeyedDraws:
     def uniform(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Uniform in (0, 1) [B, *tail]; float64 takes 53 bits from two words."""
         if dtype == torch.float64:
-            high, low = self.bits(tail), self.bits(tail)
+            # Two words per number from one hash pass over twice the counters.
+            high, low = self.bits((2, *tail)).unbind(1)
             return ((high >> 6).to(torch.float64) * 2.0 ** 26 + (low >> 6).to(torch.float64) + 0.5) * 2.0 ** -52
         return _uniform32(self.bits(tail)).to(dtype)
 
     def normal(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Standard normal [B, *tail] (Box-Muller on two uniforms), computed in float32."""
-        u1, u2 = self.uniform(tail), self.uniform(tail)
+        """Standard normal [B, *tail] (Box-Muller on two uniforms from one hash pass), in float32."""
+        u1, u2 = _uniform32(self.bits((2, *tail))).unbind(1)
         return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)).to(dtype)
 
 
