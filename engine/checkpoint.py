@@ -1,23 +1,19 @@
-"""Atomic writes, the training state that travels with DeepSpeed checkpoints, and the checks
-that make a checkpoint trustworthy.
+"""The training state that travels with DeepSpeed checkpoints, and which checkpoint to trust.
 
 A checkpoint is one tag folder (`epochN`) per member under `checkpoints/<member>/`: DeepSpeed's
-files, one `rng_rank{r}.pt` per rank, and `manifest.json`, written last by rank 0 once every rank
-has finished. The manifest lists every file of the folder with its size and sha256; it is the
-commit marker: a tag folder without a valid manifest is not a checkpoint. `--resume` loads the
-newest tag that verifies for every member and falls back past any that does not.
+files, one `rng_rank{r}.pt` per rank, and `manifest.json` (engine/manifest.py), written last by
+rank 0 once every rank has finished. The manifest is the commit marker: a tag folder without a
+valid manifest is not a checkpoint. `--resume` loads the newest tag that verifies for every
+member and falls back past any that does not; older tags are pruned only once a newer one is
+committed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import pickle
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,42 +23,13 @@ import torch
 
 from adarec.errors import AdarecError
 
-MANIFEST = "manifest.json"
+from .atomic_io import os_error_text
+from .manifest import has_manifest, manifest_problem, write_manifest
+from .output_dir import free_bytes_text
+
 KEEP_TAGS = 2
 """Verified tags kept per member; older ones are pruned once a newer tag is committed."""
 _TAG = re.compile(r"epoch(\d+)")
-_HASH_CHUNK = 1 << 20
-SPACE_MARGIN_BYTES = 64 << 20
-"""Room left for logs, TensorBoard events and the temp files of atomic writes."""
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temp file in the same folder, fsync, then rename over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path, text: str) -> None:
-    _atomic(path, lambda f: f.write(text.encode()))
-
-
-def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def atomic_torch_save(path, obj) -> None:
-    _atomic(path, lambda f: torch.save(obj, f))
 
 
 def rng_state() -> dict:
@@ -133,70 +100,6 @@ def load_rank_rng(tag_dir: Path, rank: int, fallback: dict) -> dict:
         return torch.load(path, weights_only=False)
     except LOAD_ERRORS as err:
         raise AdarecError(describe_load_failure(err, path)) from err
-
-
-# -- manifests -------------------------------------------------------------------------------
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _tag_files(tag_dir: Path) -> list[str]:
-    """Every file of a tag folder, relative; not the manifest, nor the dot-named temp files an
-    interrupted atomic write may leave."""
-    return sorted(p.relative_to(tag_dir).as_posix() for p in tag_dir.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
-
-
-def write_manifest(tag_dir: Path) -> None:
-    """Record every file of tag_dir with its size and sha256, atomically: the commit marker."""
-    tag_dir = Path(tag_dir)
-    files = {name: {"size": (tag_dir / name).stat().st_size, "sha256": sha256_of(tag_dir / name)}
-             for name in _tag_files(tag_dir)}
-    atomic_write_json(tag_dir / MANIFEST, {"format": 1, "files": files})
-
-
-def has_manifest(tag_dir: Path) -> bool:
-    return (Path(tag_dir) / MANIFEST).is_file()
-
-
-def _read_manifest(manifest: Path) -> list[tuple[str, int, str]]:
-    files = json.loads(manifest.read_text())["files"]
-    return [(str(name), int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()]
-
-
-def manifest_problem(tag_dir: Path) -> str | None:
-    """None when tag_dir is a complete checkpoint: its manifest parses and lists files, and every
-    file it lists is there with the recorded size and sha256. Otherwise one line, '<path>: <what
-    is wrong>'. Files the manifest does not list are ignored."""
-    tag_dir = Path(tag_dir)
-    manifest = tag_dir / MANIFEST
-    if not tag_dir.is_dir():
-        return f"{tag_dir}: missing"
-    if not manifest.is_file():
-        return f"{tag_dir}: no manifest (incomplete save)"
-    try:
-        entries = _read_manifest(manifest)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        return f"{manifest}: unreadable manifest ({type(err).__name__}: {err})"
-    if not entries:
-        return f"{manifest}: lists no files"
-    for name, size, digest in entries:
-        path = tag_dir / name
-        if not path.is_file():
-            return f"{path}: missing (listed in the manifest)"
-        actual = path.stat().st_size
-        if actual != size:
-            return f"{path}: {actual} bytes, the manifest records {size} (file truncated or overwritten)"
-        try:
-            if sha256_of(path) != digest:
-                return f"{path}: sha256 mismatch (file corrupted or truncated)"
-        except OSError as err:
-            return f"{path}: unreadable ({os_error_text(err)})"
-    return None
 
 
 # -- choosing the checkpoint to resume -------------------------------------------------------
@@ -286,11 +189,6 @@ def discard_tag(member_dirs: Iterable[Path], tag: str) -> None:
 
 
 # -- write failures --------------------------------------------------------------------------
-def os_error_text(err: OSError) -> str:
-    """'[Errno 28] No space left on device', without the file name Python appends."""
-    if err.errno is not None and err.strerror:
-        return f"[Errno {err.errno}] {err.strerror}"
-    return str(err)
 
 
 def is_write_failure(err: BaseException) -> bool:
@@ -306,80 +204,7 @@ def describe_write_failure(err: BaseException, tag: str, ckpt_root: Path, kept: 
     if isinstance(err, OSError):
         reason = os_error_text(err)
     else:
-        reason = (f"a write came up short, as on a full disk ({_free_bytes_text(ckpt_root)}; torch said: "
+        reason = (f"a write came up short, as on a full disk ({free_bytes_text(ckpt_root)}; torch said: "
                   f"{str(err).strip().splitlines()[0]})")
     last = f"the last good checkpoint {kept} is kept" if kept else "there is no earlier checkpoint"
     return f"checkpoint {tag} could not be written to {ckpt_root}: {reason}; {last}"
-
-
-def _free_bytes_text(path: Path) -> str:
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
-    return f"{_size_text(shutil.disk_usage(existing).free)} free there"
-
-
-# -- output directory checks -----------------------------------------------------------------
-def probe_output_dir(run_dir: Path) -> None:
-    """Create run_dir if needed and prove it takes a write: a small file is written, fsynced and
-    removed. A run that cannot write its checkpoints should fail now, not after its first epoch."""
-    run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=run_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(b"\0" * 4096)
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            os.unlink(probe)
-    except OSError as err:
-        raise AdarecError(f"output directory {run_dir} is not writable: {os_error_text(err)}") from err
-
-
-def checkpoint_bytes_estimate(modules: Iterable[torch.nn.Module], keep: int = KEEP_TAGS) -> int:
-    """Disk the checkpoints of these members can occupy at once: fp32 weights and Adam's two
-    moments (12 bytes a parameter) in each of the `keep` kept tags and the one being written
-    before the oldest is pruned, the best weights (4 bytes a parameter), and a fixed margin."""
-    params = sum(p.numel() for module in modules for p in module.parameters())
-    return params * (4 * 3 * (keep + 1) + 4) + SPACE_MARGIN_BYTES
-
-
-def tree_bytes(path: Path) -> int:
-    path = Path(path)
-    if not path.exists():
-        return 0
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def check_free_space(run_dir: Path, need_bytes: int) -> None:
-    """Stop before training when run_dir's file system has less room than need_bytes."""
-    free = shutil.disk_usage(run_dir).free
-    if free < need_bytes:
-        raise AdarecError(
-            f"output directory {run_dir} has {_size_text(free)} ({free} bytes) free, but the checkpoints "
-            f"need about {_size_text(need_bytes)} ({need_bytes} bytes: weights and Adam's moments for "
-            f"{KEEP_TAGS} kept epochs and the one being written); free some space or choose another --output-dir")
-
-
-def _size_text(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
-# -- ranks -----------------------------------------------------------------------------------
-def _several_ranks() -> bool:
-    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-
-
-def sync_ranks() -> None:
-    """Wait until every rank gets here (nothing to wait for in a one-process run)."""
-    if _several_ranks():
-        torch.distributed.barrier()
-
-
-def share_from_rank0(value):
-    """Rank 0's value on every rank, so that all of them act on one decision."""
-    if not _several_ranks():
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]

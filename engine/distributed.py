@@ -82,3 +82,22 @@ def setup_distributed(requested_device: str, timeout_s: float) -> DistInfo:
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         device=device,
     )
+
+
+def _several_ranks() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def sync_ranks() -> None:
+    """Wait until every rank gets here (nothing to wait for in a one-process run)."""
+    if _several_ranks():
+        torch.distributed.barrier()
+
+
+def share_from_rank0(value):
+    """Rank 0's value on every rank, so that all of them act on one decision."""
+    if not _several_ranks():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -32,12 +32,10 @@ from adarec.config import RunConfig, save_config
 from adarec.errors import AdarecError
 from adarec.models import build_members, scorer
 
+from .atomic_io import atomic_torch_save, atomic_write_json
 from .checkpoint import (
+    KEEP_TAGS,
     LOAD_ERRORS,
-    atomic_torch_save,
-    atomic_write_json,
-    check_free_space,
-    checkpoint_bytes_estimate,
     commit_tag,
     describe_load_failure,
     describe_unresumable,
@@ -46,21 +44,18 @@ from .checkpoint import (
     find_resume_point,
     is_write_failure,
     load_rank_rng,
-    probe_output_dir,
     rng_file,
     rng_state,
     set_rng_state,
-    share_from_rank0,
-    sync_ranks,
     tag_name,
-    tree_bytes,
 )
 from .curves import plot_curves
 from .data_setup import load_split
-from .distributed import DistInfo, pick_device, setup_distributed
+from .distributed import DistInfo, pick_device, setup_distributed, share_from_rank0, sync_ranks
 from .ds_config import build_ds_config, resolve_precision, use_autocast
 from .evaluator import batch_metric_sums, evaluate_split
 from .graphed_step import GraphedStep, check_graph_config
+from .output_dir import check_free_space, checkpoint_bytes_estimate, probe_output_dir, tree_bytes
 from .rank_watch import RankWatch
 from .run_log import RunLog, setup_logging
 
@@ -434,7 +429,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[st
     dist = setup_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     trainer = Trainer(cfg, run_dir, dist, split, resume)
     modules = [engine.module for engine in trainer.engines.values()]
-    need = checkpoint_bytes_estimate(modules) - tree_bytes(run_dir / CHECKPOINTS)
+    need = checkpoint_bytes_estimate(modules, KEEP_TAGS) - tree_bytes(run_dir / CHECKPOINTS)
     # Decided on rank 0 (the run directory is shared), so that every rank stops or none does.
     space_error = share_from_rank0(_free_space_error(run_dir, need) if dist.is_main else None)
     if space_error:

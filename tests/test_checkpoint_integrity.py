@@ -12,16 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from adarec.engine import checkpoint as ckpt
-from adarec.engine.checkpoint import (
-    MANIFEST,
-    SPACE_MARGIN_BYTES,
-    checkpoint_bytes_estimate,
-    commit_tag,
-    find_resume_point,
-    manifest_problem,
-    prune_checkpoints,
-    write_manifest,
-)
+from adarec.engine import manifest as manifest_module
+from adarec.engine import output_dir
+from adarec.engine.checkpoint import commit_tag, find_resume_point, prune_checkpoints
+from adarec.engine.manifest import MANIFEST, manifest_problem, write_manifest
+from adarec.engine.output_dir import SPACE_MARGIN_BYTES, checkpoint_bytes_estimate
 from adarec.engine.run_log import current_rows
 from adarec.engine.trainer import run_training
 
@@ -153,14 +148,14 @@ def test_commit_prunes_nothing_when_a_manifest_cannot_be_written(tmp_path, monke
         make_tag(member, 1)
         make_tag(member, 2)
         make_tag(member, 3, committed=False)
-    real_write = ckpt.atomic_write_json
+    real_write = manifest_module.atomic_write_json
 
     def full_disk_for_e10(path, obj):
         if e10 in Path(path).parents:
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, obj)
 
-    monkeypatch.setattr(ckpt, "atomic_write_json", full_disk_for_e10)
+    monkeypatch.setattr(manifest_module, "atomic_write_json", full_disk_for_e10)
     with pytest.raises(OSError):
         commit_tag([e5, e10], "epoch3")
     assert all(manifest_problem(m / f"epoch{e}") is None for m in (e5, e10) for e in (1, 2))
@@ -169,7 +164,7 @@ def test_commit_prunes_nothing_when_a_manifest_cannot_be_written(tmp_path, monke
 def test_space_estimate_counts_weights_and_adam_moments_of_every_kept_tag():
     modules = [torch.nn.Linear(10, 10), torch.nn.Linear(4, 5)]         # 110 + 25 parameters
     # 12 bytes a parameter in 2 kept tags + the one being written, 4 for the best weights.
-    assert checkpoint_bytes_estimate(modules) == 135 * (12 * 3 + 4) + SPACE_MARGIN_BYTES
+    assert checkpoint_bytes_estimate(modules, keep=2) == 135 * (12 * 3 + 4) + SPACE_MARGIN_BYTES
 
 
 # -- end to end -----------------------------------------------------------------------------------
@@ -335,7 +330,7 @@ def test_an_unwritable_output_dir_fails_before_training(tmp_path, monkeypatch):
     def refused(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(ckpt.tempfile, "mkstemp", refused)
+    monkeypatch.setattr(output_dir.tempfile, "mkstemp", refused)
     run = tmp_path / "run"
     with pytest.raises(AdarecError, match=rf"output directory {re.escape(str(run))} is not writable: "
                                           r"\[Errno 13\] Permission denied$"):
