@@ -173,8 +173,9 @@ def diffusion_trajectory(
     [B, levels, L, D] grid from `generator` (or a generator seeded with `seed`), so a pair's noise
     does not depend on which other pairs are computed; the fused twin draws a different but
     equally distributed stream with the same keying. With `keys` [B] (int64 row keys, what
-    training passes) the grid is drawn by row key instead (adarec/keyed_random.py; `seed` and
-    `generator` are then unused), so a row's noise does not depend on its place in the batch.
+    training passes) each computed pair's noise is drawn from its (row key, level) instead
+    (adarec/keyed_random.py; `seed` and `generator` are then unused), so a row's noise does not
+    depend on its place in the batch or on which other pairs are computed.
     `zero_noise` is eps = 0. Level-0 rows are E^0.
     L_deno = mean over pairs with level >= 1, loss_weight (default 1) and valid positions of
     ||eps_hat - eps||^2 / D, the weights counting in the mean (zero when nothing enters it).
@@ -185,8 +186,10 @@ def diffusion_trajectory(
     if zero_noise:
         noise = torch.zeros_like(x0)
     elif noise is None and keys is not None:
-        grid = KeyedDraws(keys, Streams.DIFFUSION).normal((sqrt_abar.numel(), *e0.shape[1:]), x0.dtype)
-        noise = grid[pair_user, pair_level]
+        # Drawn for the computed pairs only, each from its (row key, level) block: the same
+        # numbers as the whole [row, level] grid would hold there.
+        draws = KeyedDraws(keys[pair_user], Streams.DIFFUSION)
+        noise = draws.normal(tuple(e0.shape[1:]), x0.dtype, block=pair_level, blocks=sqrt_abar.numel())
     elif noise is None:
         if seed is not None:
             generator = torch.Generator(device=x0.device).manual_seed(int(seed))

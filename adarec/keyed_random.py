@@ -101,32 +101,48 @@ class KeyedDraws:
     def rows(self) -> int:
         return self.keys.shape[0]
 
-    def bits(self, tail: tuple[int, ...]) -> torch.Tensor:
-        """Uniform 32-bit words [B, *tail] as int64 in [0, 2**32)."""
+    def bits(self, tail: tuple[int, ...], block: torch.Tensor | None = None, blocks: int = 1) -> torch.Tensor:
+        """Uniform 32-bit words [B, *tail] as int64 in [0, 2**32).
+
+        `block` [B] (int64 in [0, blocks)) gives each row one of `blocks` disjoint sub-blocks of
+        this call's counters: what row r draws depends on (its key, block[r]) only. ADARec's
+        noise uses it to draw a (row, level) pair's numbers for the pairs it computes, without
+        drawing the whole [row, level] grid.
+        """
         count = math.prod(tail)
-        if count > _CALL_SPAN or self._calls >= 2**32 // _CALL_SPAN:
+        if count * blocks > _CALL_SPAN or self._calls >= 2**32 // _CALL_SPAN:
             raise ValueError(f"keyed draws take at most {_CALL_SPAN} numbers per row per call and "
-                             f"{2**32 // _CALL_SPAN} calls; asked {count} at call {self._calls}")
+                             f"{2**32 // _CALL_SPAN} calls; asked {count} x {blocks} at call {self._calls}")
         # The call number selects a block of the 32-bit counter: no per-call work on the rows.
         first = self._calls * _CALL_SPAN
         self._calls += 1
         a, b = self._state
-        counter = torch.arange(first, first + count, device=self.keys.device, dtype=torch.int64)
-        out = _mix32(_mix32(a[:, None] ^ counter[None, :]) ^ b[:, None])
+        counter = torch.arange(first, first + count, device=self.keys.device, dtype=torch.int64)[None, :]
+        if block is not None:
+            counter = counter + (block * count)[:, None]
+        out = _mix32(_mix32(a[:, None] ^ counter) ^ b[:, None])
         return out.view(self.rows, *tail)
 
-    def uniform(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Uniform in (0, 1) [B, *tail]; float64 takes 53 bits from two words."""
+    def uniform(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                block: torch.Tensor | None = None, blocks: int = 1) -> torch.Tensor:
+        """Uniform in (0, 1) [B, *tail]; float64 takes 53 bits from two words. `block`: see bits."""
         if dtype == torch.float64:
             # Two words per number from one hash pass over twice the counters.
-            high, low = self.bits((2, *tail)).unbind(1)
+            high, low = self.bits((2, *tail), block, blocks).unbind(1)
             return ((high >> 6).to(torch.float64) * 2.0 ** 26 + (low >> 6).to(torch.float64) + 0.5) * 2.0 ** -52
-        return _uniform32(self.bits(tail)).to(dtype)
+        return _uniform32(self.bits(tail, block, blocks)).to(dtype)
 
-    def normal(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Standard normal [B, *tail] (Box-Muller on two uniforms from one hash pass), in float32."""
-        u1, u2 = _uniform32(self.bits((2, *tail))).unbind(1)
-        return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)).to(dtype)
+    def normal(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32,
+               block: torch.Tensor | None = None, blocks: int = 1) -> torch.Tensor:
+        """Standard normal [B, *tail], computed in float32: Box-Muller on pairs of uniforms from
+        one hash pass, both of its outputs used (cos and sin), so a number costs one word.
+        `block`: see bits."""
+        count = math.prod(tail)
+        half = (count + 1) // 2
+        u1, u2 = _uniform32(self.bits((2, half), block, blocks)).unbind(1)
+        radius, angle = torch.sqrt(-2.0 * torch.log(u1)), _TWO_PI * u2
+        z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
+        return z[:, :count].reshape(self.rows, *tail).to(dtype)
 
 
 class GeneratorDraws:

@@ -173,3 +173,20 @@ def test_rows_padded_onto_the_epoch_draw_new_numbers(tiny_split):
     keys = torch.cat([b["row_key"] for r in ranks for b in r])
     assert users.numel() == 92 and users.unique().numel() == 90
     assert keys.unique().numel() == 92
+
+
+def test_a_block_of_keyed_draws_is_the_rows_own_whatever_else_is_drawn():
+    """A (row, block) pair draws what the whole [row, block] grid holds there: ADARec draws the
+    diffusion noise of the (user, level) pairs it computes only."""
+    keys = torch.from_numpy(row_keys(3, 0, np.arange(6)))
+    levels = 4
+    grid = torch.stack([KeyedDraws(keys, Streams.DIFFUSION).normal((5, 3), block=torch.full((6,), k),
+                                                                     blocks=levels) for k in range(levels)], 1)
+    pair_user = torch.tensor([0, 0, 2, 5, 5, 5])
+    pair_level = torch.tensor([0, 1, 3, 0, 2, 3])
+    pairs = KeyedDraws(keys[pair_user], Streams.DIFFUSION).normal((5, 3), block=pair_level, blocks=levels)
+    assert torch.equal(pairs, grid[pair_user, pair_level])
+    assert not torch.equal(grid[:, 0], grid[:, 1])
+    # Both Box-Muller outputs are used: an odd count still gives N(0, 1) numbers.
+    many = KeyedDraws(torch.from_numpy(row_keys(3, 1, np.arange(500))), Streams.DIFFUSION).normal((101,))
+    assert float(many.mean()) == pytest.approx(0.0, abs=0.02) and float(many.std()) == pytest.approx(1.0, abs=0.02)
