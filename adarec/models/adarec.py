@@ -134,6 +134,9 @@ class ADARec(ELCRec):
         self.register_buffer("sqrt_one_minus_abar", sqrt_one_minus, persistent=False)
         fixed = torch.randn(depth + 1, max_len, hidden, generator=torch.Generator().manual_seed(FIXED_NOISE_SEED))
         self.register_buffer("fixed_noise", fixed, persistent=False)
+        # The Philox seed of the keyed in-kernel noise (the row keys carry the run's seed), kept on
+        # the device: a tensor made from a host int in every step could not be graph-captured.
+        self.register_buffer("diffusion_seed", torch.tensor([Streams.DIFFUSION], dtype=torch.int64), persistent=False)
         self.coarse = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.level_embedding = nn.Embedding(depth + 1, hidden)
         self.router = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
@@ -199,7 +202,7 @@ class ADARec(ELCRec):
         den = self.denoiser
         trajectory = trajectory_function(self.kernel_backend, e0.device)
         # Keyed noise: the same row gets the same noise on every rank (adarec/keyed_random.py).
-        keyed = {} if row_keys is None or noise is not None else {"keys": row_keys, "seed": Streams.DIFFUSION}
+        keyed = {} if row_keys is None or noise is not None else {"keys": row_keys, "seed": self.diffusion_seed}
         loss_weight = packed.pair_active.to(torch.float32)
         e_hat, l_deno = trajectory(
             e0, lengths, packed.pair_user, packed.pair_level, self.sqrt_abar, self.sqrt_one_minus_abar,
