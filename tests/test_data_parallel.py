@@ -65,7 +65,7 @@ def test_two_ranks_train_the_one_rank_model(runs, case):
     for step, (a, b) in enumerate(zip(one["steps"], two["steps"], strict=True)):
         assert a.keys() == b.keys()
         for term in a:
-            assert b[term] == pytest.approx(a[term], rel=1e-4, abs=1e-5), (step, term)
+            assert b[term] == pytest.approx(a[term], rel=1e-4, abs=1e-4), (step, term)
     # The model trained (its loss moved), and both runs end at the same validation metrics.
     assert one["steps"][0]["loss" if "loss" in one["steps"][0] else "e5/loss"] != one["steps"][-1].get(
         "loss", one["steps"][-1].get("e5/loss"))
