@@ -184,7 +184,9 @@ class EvalConfig:
     """Cut-offs K for HR@K and NDCG@K."""
     protocol: str = "full"
     """full: the user's history items excluded (-inf), padding/mask rows never ranked.
-    compat: the authors' quirk, history items scored 0 and padding/mask rows kept as candidates."""
+    compat: the authors' quirk, history items scored 0 and padding/mask rows kept as candidates.
+    unmasked: DiffuRec's and ADRec's evaluation, history items and the padding row kept as
+    candidates with their scores (the mask row, which their vocabularies lack, is not)."""
     batch_size: int = 1024
     """Users per evaluation batch."""
     select_metric: str = "NDCG@20"
@@ -491,7 +493,7 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
     need(len(e.ks) > 0 and all(k >= 1 for k in e.ks), "eval.ks",
          "must be a non-empty list of integers >= 1")
     need(len(set(e.ks)) == len(e.ks), "eval.ks", "must not repeat a cut-off")
-    choice("eval.protocol", ("full", "compat"))
+    choice("eval.protocol", ("full", "compat", "unmasked"))
     choice("kernels.backend", ("auto", "fused", "eager"))
     need(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
     match = _METRIC.match(e.select_metric)

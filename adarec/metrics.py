@@ -10,7 +10,10 @@ rank is read off torch.topk of the top K_max + 1 scores, which is exact for rank
 and costs one top-k per batch on the scores' device.
 
 The compat protocol reproduces the authors' quirk: history items are scored 0 instead of -inf
-and the padding/mask rows stay candidates.
+and the padding/mask rows stay candidates. The unmasked protocol is how DiffuRec and ADRec
+evaluate: history items keep their scores and the padding row 0 stays a candidate; rows that are
+neither an item nor padding (the mask row) are still never ranked, since those models'
+vocabularies have none.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-PROTOCOLS = ("full", "compat")
+PROTOCOLS = ("full", "compat", "unmasked")
 
 
 def metric_names(ks: Sequence[int]) -> list[str]:
@@ -54,6 +57,11 @@ def mask_scores(
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     scores = scores.float().clone()
+    if protocol == "unmasked":
+        never = [c for c in never_rank if c != 0]
+        if never:
+            scores[:, never] = float("-inf")
+        return scores
     if exclude is not None:
         hist = _exclusion_mask(exclude.to(scores.device), scores.shape)
         fill = float("-inf") if protocol == "full" else 0.0

@@ -19,6 +19,8 @@ def brute_force(scores, targets, exclude_lists, ks, never_rank=(0,), protocol="f
         for c in range(n_cols):
             if protocol == "full" and (c in never_rank or c in hist):
                 continue
+            if protocol == "unmasked" and c in never_rank and c != 0:
+                continue
             cand.append((c, 0.0 if (protocol == "compat" and c in hist) else s[c]))
         t = int(targets[u])
         score_of = dict(cand)
@@ -37,7 +39,7 @@ def padded(lists):
     return torch.tensor([list(x) + [0] * (width - len(x)) for x in lists], dtype=torch.long)
 
 
-@pytest.mark.parametrize("protocol", ["full", "compat"])
+@pytest.mark.parametrize("protocol", ["full", "compat", "unmasked"])
 def test_matches_brute_force_with_ties_and_exclusions(protocol):
     gen = torch.Generator().manual_seed(0)
     n_users, n_cols = 37, 30
@@ -94,3 +96,14 @@ def test_bad_shapes_raise():
         rank_metrics(torch.zeros(3, 5), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError):
         rank_metrics(torch.zeros(3, 5), torch.zeros(3, dtype=torch.long), ks=())
+
+
+def test_unmasked_keeps_history_and_padding_as_scored_candidates():
+    """DiffuRec's and ADRec's evaluation: a history item or the padding row scoring above the
+    target pushes it down; the mask row (not in their vocabularies) still never ranks."""
+    scores = torch.tensor([[9.0, 1.0, 5.0, 3.0, 8.0]])       # rows: pad, items 1..3, mask
+    target, history = torch.tensor([3]), torch.tensor([[2]])
+    full = rank_metrics(scores, target, history, ks=(1, 2, 3), never_rank=(0, 4), protocol="full")
+    unmasked = rank_metrics(scores, target, history, ks=(1, 2, 3), never_rank=(0, 4), protocol="unmasked")
+    assert full["HR@1"] == 1.0                                # item 3 beats item 1 once 2, pad, mask are out
+    assert unmasked["HR@2"] == 0.0 and unmasked["HR@3"] == 1.0   # pad (9) and item 2 (5) rank above it
