@@ -259,3 +259,47 @@ def test_a_heartbeat_left_by_an_earlier_attempt_is_not_read_as_this_ones(tmp_pat
 def test_a_collective_called_wrongly_is_this_ranks_error_not_a_dead_peer():
     # What gloo raises for mismatched all_gather shapes: a bug of the program, to be raised as is.
     assert not is_collective_failure(RuntimeError("ProcessGroupGloo::allgather: invalid tensor size at index 1"))
+
+
+# rank 1's write of its RNG file for epoch 2 fails as on a full disk; the rest is `python -m adarec.train`.
+FULL_DISK_ON_RANK_1 = """
+import errno, os, sys
+from pathlib import Path
+import adarec.engine.trainer as trainer
+real_save = trainer.atomic_torch_save
+def save(path, obj):
+    if os.environ["RANK"] == "1" and Path(path).parent.name == "epoch2" and Path(path).name.startswith("rng_rank"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    real_save(path, obj)
+trainer.atomic_torch_save = save
+from adarec.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_write_failing_on_one_rank_stops_both_and_resume_falls_back(tmp_path):
+    run = tmp_path / "run"
+    config = ["--config", str(REPO / "configs/sasrec_beauty.yaml"), "--set", "data.max_users=200",
+              "model.hidden_size=16", "model.num_layers=1", "model.hidden_dropout=0", "model.attn_dropout=0",
+              "train.epochs=3", "train.batch_size=32", "train.num_threads=1", f"train.dist_timeout_s={TIMEOUT_S}"]
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        with open(tmp_path / f"fail.rank{rank}.log", "w") as out:
+            procs.append(subprocess.Popen([sys.executable, "-c", FULL_DISK_ON_RANK_1, *config, "--output-dir", str(run)],
+                                          env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path))
+    assert _finish(procs, timeout=TIMEOUT_S + 120) == [2, 2], _log(tmp_path, "fail", 0)[-3000:]
+    failed, survivor = _log(tmp_path, "fail", 1), _log(tmp_path, "fail", 0)
+    assert "checkpoint epoch2 could not be written" in failed and "No space left on device" in failed
+    assert "the last good checkpoint epoch1 is kept" in failed
+    assert "rank 1 (pid" in survivor and "stopped with an error" in survivor and "could not be written" in survivor
+    assert "Traceback" not in failed + survivor
+    assert _committed(run, "epoch1") and not _committed(run, "epoch2")
+
+    resumed = _finish(_start_ranks(run, ["--resume"], tmp_path, "resumed"), timeout=180)
+    out = _log(tmp_path, "resumed", 0)
+    assert resumed == [0, 0], out[-3000:]
+    assert "no manifest (incomplete save); falling back to epoch1" in out
+    assert json.loads((run / "test_metrics.json").read_text())["split"] == "test"
