@@ -288,8 +288,8 @@ def test_a_checkpoint_write_failing_on_one_rank_stops_both_and_resume_falls_back
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         with open(tmp_path / f"fail.rank{rank}.log", "w") as out:
-            procs.append(subprocess.Popen([sys.executable, "-c", FULL_DISK_ON_RANK_1, *config, "--output-dir", str(run)],
-                                          env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path))
+            command = [sys.executable, "-c", FULL_DISK_ON_RANK_1, *config, "--output-dir", str(run)]
+            procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path))
     assert _finish(procs, timeout=TIMEOUT_S + 120) == [2, 2], _log(tmp_path, "fail", 0)[-3000:]
     failed, survivor = _log(tmp_path, "fail", 1), _log(tmp_path, "fail", 0)
     assert "checkpoint epoch2 could not be written" in failed and "No space left on device" in failed
