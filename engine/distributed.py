@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from adarec.parallel import world_size
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -22,7 +24,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous started right after)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -68,7 +71,7 @@ def setup_distributed(requested_device: str, timeout_s: float) -> DistInfo:
     device = pick_device(requested_device)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -84,19 +87,15 @@ def setup_distributed(requested_device: str, timeout_s: float) -> DistInfo:
     )
 
 
-def _several_ranks() -> bool:
-    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-
-
 def sync_ranks() -> None:
     """Wait until every rank gets here (nothing to wait for in a one-process run)."""
-    if _several_ranks():
+    if world_size() > 1:
         torch.distributed.barrier()
 
 
 def share_from_rank0(value):
     """Rank 0's value on every rank, so that all of them act on one decision."""
-    if not _several_ranks():
+    if world_size() == 1:
         return value
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from adarec.engine.distributed import free_port
 from adarec.engine.rank_watch import (
     DONE,
     FAILED,
@@ -134,20 +135,16 @@ def test_the_watch_beats_and_turns_a_failed_collective_into_rank_lost(tmp_path):
 
 
 # -- two real ranks ----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _start_ranks(run: Path, args: list[str], logs: Path, label: str) -> list[subprocess.Popen]:
-    port = _free_port()
+def _start_ranks(run: Path, args: list[str], logs: Path, label: str,
+                 program: tuple[str, ...] = ("-m", "adarec.train")) -> list[subprocess.Popen]:
+    port = free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         with open(logs / f"{label}.rank{rank}.log", "w") as out:     # the child keeps its own copy
-            procs.append(subprocess.Popen([sys.executable, "-m", "adarec.train", *args, "--output-dir", str(run)],
+            procs.append(subprocess.Popen([sys.executable, *program, *args, "--output-dir", str(run)],
                                           env=env, stdout=out, stderr=subprocess.STDOUT, cwd=logs))
     return procs
 
@@ -194,7 +191,7 @@ sys.exit(1)
 
 
 def test_groups_made_after_setup_time_out_with_the_configured_timeout(tmp_path):
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-c", LATE_PEER], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(2)]
@@ -282,14 +279,7 @@ def test_a_checkpoint_write_failing_on_one_rank_stops_both_and_resume_falls_back
     config = ["--config", str(REPO / "configs/sasrec_beauty.yaml"), "--set", "data.max_users=200",
               "model.hidden_size=16", "model.num_layers=1", "model.hidden_dropout=0", "model.attn_dropout=0",
               "train.epochs=3", "train.batch_size=32", "train.num_threads=1", f"train.dist_timeout_s={TIMEOUT_S}"]
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        with open(tmp_path / f"fail.rank{rank}.log", "w") as out:
-            command = [sys.executable, "-c", FULL_DISK_ON_RANK_1, *config, "--output-dir", str(run)]
-            procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path))
+    procs = _start_ranks(run, config, tmp_path, "fail", program=("-c", FULL_DISK_ON_RANK_1))
     assert _finish(procs, timeout=TIMEOUT_S + 120) == [2, 2], _log(tmp_path, "fail", 0)[-3000:]
     failed, survivor = _log(tmp_path, "fail", 1), _log(tmp_path, "fail", 0)
     assert "checkpoint epoch2 could not be written" in failed and "No space left on device" in failed

@@ -4,22 +4,17 @@ passwordless ssh), give the same result as one node with two ranks."""
 
 import json
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+from adarec.engine.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--module", "adarec.train", "--config", str(REPO / "configs/sasrec_beauty.yaml"), "--set",
          "data.max_users=200", "model.hidden_size=16", "model.num_layers=1", "train.epochs=1", "train.batch_size=64",
          "train.num_threads=1"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_both(cmds: list[list[str]], cwd: Path) -> list[subprocess.CompletedProcess]:
@@ -53,10 +48,10 @@ def test_two_nodes_without_ssh_match_one_node_with_two_ranks(tmp_path):
     # Names only: with --no_ssh the launcher never contacts them; each line is one node's slots.
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     multi, single = tmp_path / "multi", tmp_path / "single"
-    port = _free_port()
+    port = free_port()
     nodes = [["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
               "127.0.0.1", "--master_port", str(port), *TRAIN, "--output-dir", str(multi)] for node in (0, 1)]
-    one_node = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), *TRAIN, "--output-dir", str(single)]
+    one_node = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), *TRAIN, "--output-dir", str(single)]
     *node_runs, single_run = _run_both([*nodes, one_node], tmp_path)
     for node, proc in enumerate(node_runs):
         assert proc.returncode == 0, f"node {node}:\n{proc.stdout[-4000:]}"

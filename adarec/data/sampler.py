@@ -64,7 +64,7 @@ def sample_negatives(seen_sorted: torch.Tensor, seen_count: torch.Tensor,
 
 
 def _derived_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers, so nearby (seed, rank, epoch) give unrelated streams."""
+    """A 63-bit seed mixed from integers, so nearby (seed, epoch) give unrelated streams."""
     state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1]))
 
