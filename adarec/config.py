@@ -29,7 +29,7 @@ import yaml
 
 from .errors import ConfigError, DataError
 
-MODEL_NAMES: tuple[str, ...] = ("sasrec", "elcrec", "adarec", "adarec-dual")
+MODEL_NAMES: tuple[str, ...] = ("sasrec", "elcrec", "adarec", "adarec-dual", "diffurec", "adrec", "diffuasr")
 """Valid values of model.name; the model registry extends this tuple when it adds models."""
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -48,12 +48,17 @@ class DataConfig:
     max length becomes k + 3. null keeps full histories."""
     max_users: int | None = None
     """Keep only the first N users of the file (quick runs and tests). null keeps all."""
+    augmented_prefix: int = 0
+    """The file was written by `adarec augment` with this many generated items before each user's
+    real items (DiffuASR): targets that are generated items are left out of the training loss and
+    the generated items are not history at evaluation. 0: a plain interaction file."""
 
 
 @dataclass
 class ModelConfig:
     name: str = "sasrec"
-    """Model to train: sasrec, elcrec, adarec (the paper model) or adarec-dual (the authors' code)."""
+    """Model to train: sasrec, elcrec, adarec (the paper model), adarec-dual (the authors' code), or a
+    peer: diffurec, adrec, diffuasr (its pseudo-prefix generator; docs/peers.md)."""
     hidden_size: int = 64
     """Embedding and Transformer hidden size D; must be divisible by num_heads."""
     num_layers: int = 2
@@ -123,6 +128,35 @@ class ModelConfig:
     """ELCRec augmentation: fraction of positions set to padding by Mask, in [0, 1]."""
     reorder_ratio: float = 0.2
     """ELCRec augmentation: fraction of the sequence shuffled by Reorder, in [0, 1]."""
+    emb_dropout: float = 0.3
+    """Peers (diffurec, adrec, diffuasr): dropout on the item embeddings before their LayerNorm."""
+    noise_schedule: str = "trunc_lin"
+    """Peers: beta schedule of their diffusion over T = model.diffusion_steps steps, with s = 1000/T.
+    trunc_lin (DiffuRec, ADRec): linear from 1e-4 s + 0.01 to 0.02 s + 0.01 (0.013125..0.635 at
+    T = 32); linear (DDPM, DiffuASR): from 1e-4 s to 0.02 s. ADARec keeps its own linear schedule."""
+    sample_steps: int = 32
+    """Peers: reverse steps at inference, 1..model.diffusion_steps (DiffuRec and ADRec: ancestral
+    steps, 32 in their papers; DiffuASR: DDIM steps, 5)."""
+    lambda_uncertainty: float = 0.001
+    """DiffuRec: lambda ~ N(this, this) scales x_t before it is added to every history position;
+    ADRec: the fixed lambda of its denoiser input."""
+    denoiser_layers: int = 2
+    """ADRec: causal Transformer blocks of the denoiser (model.num_layers counts the condition
+    encoder's blocks)."""
+    pretrain_epochs: int = 0
+    """ADRec stage 1: epochs of SASRec-style training (full CE, no position embedding) that
+    pre-train the item embeddings before the run; 0 skips it."""
+    freeze_epochs: int = 0
+    """ADRec stage 2: first epochs with the (pre-trained) item embeddings frozen; then joint."""
+    prefix_items: int = 10
+    """DiffuASR: number of pseudo-items generated in front of each sequence."""
+    denoiser_channels: int = 8
+    """DiffuASR: base channel count of the U-Net denoiser."""
+    guidance_weight: float = 0.0
+    """DiffuASR: classifier-free guidance weight w, eps = eps_c + w (eps_c - eps_u); 0 uses the
+    conditional prediction only."""
+    cond_drop: float = 0.1
+    """DiffuASR: probability that training replaces a row's guide by the learned null guide."""
 
 
 # Why train.zero_stage stops at 2 (also checked on a train.ds_config overlay, engine/ds_config.py).
@@ -173,6 +207,10 @@ class TrainConfig:
     dist_timeout_s: float = 300.0
     """Seconds a collective (gradient all-reduce, evaluation sums) may wait for the other ranks
     before the run stops, naming the rank that is gone (engine/rank_watch.py)."""
+    grad_merge: str = "sum"
+    """How a model's losses become one gradient. sum: the gradient of their sum; pcgrad: one
+    gradient per loss, projected where they conflict and merged as ADRec's public code does
+    (docs/peers.md; adrec only, one backward per loss)."""
     ds_config: str | None = None
     """Optional DeepSpeed JSON (e.g. configs/deepspeed/zero2_offload.json) merged over the config the
     engine builds, for settings the run config does not cover (ZeRO offload, comms, ...)."""
@@ -445,6 +483,7 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
     need(d.shorten_seq_to is None or d.shorten_seq_to >= 1, "data.shorten_seq_to",
          "must be >= 1 or null")
     need(d.max_users is None or d.max_users >= 1, "data.max_users", "must be >= 1 or null")
+    need(d.augmented_prefix >= 0, "data.augmented_prefix", "must be >= 0")
 
     choice("model.name", MODEL_NAMES)
     for key in ("hidden_size", "num_layers", "num_heads", "num_intent_clusters"):
@@ -473,6 +512,17 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
     need(0.0 < m.crop_ratio <= 1.0, "model.crop_ratio", "must be in (0, 1]")
     for key in ("mask_ratio", "reorder_ratio"):
         need(0.0 <= getattr(m, key) <= 1.0, f"model.{key}", "must be in [0, 1]")
+    need(0.0 <= m.emb_dropout < 1.0, "model.emb_dropout", "must be in [0, 1)")
+    choice("model.noise_schedule", ("trunc_lin", "linear"))
+    need(1 <= m.sample_steps <= m.diffusion_steps, "model.sample_steps", "must be in [1, model.diffusion_steps]",
+         also=("model.diffusion_steps",))
+    need(m.lambda_uncertainty >= 0, "model.lambda_uncertainty", "must be >= 0")
+    for key in ("denoiser_layers", "prefix_items", "denoiser_channels"):
+        need(getattr(m, key) >= 1, f"model.{key}", "must be >= 1")
+    for key in ("pretrain_epochs", "freeze_epochs"):
+        need(getattr(m, key) >= 0, f"model.{key}", "must be >= 0")
+    need(m.guidance_weight >= 0, "model.guidance_weight", "must be >= 0")
+    need(0.0 <= m.cond_drop < 1.0, "model.cond_drop", "must be in [0, 1)")
 
     for key in ("epochs", "batch_size", "patience", "eval_every", "log_every"):
         need(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
@@ -489,6 +539,11 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
          f"must be 0, 1 or 2 ({ZERO3_REFUSED})")
     need(t.num_threads is None or t.num_threads >= 1, "train.num_threads", "must be >= 1 or null")
     need(t.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0 seconds")
+    choice("train.grad_merge", ("sum", "pcgrad"))
+    need(t.grad_merge == "sum" or m.name == "adrec", "train.grad_merge",
+         "pcgrad merges ADRec's two losses; it needs model.name adrec", also=("model.name",))
+    need(not (t.grad_merge == "pcgrad" and t.cuda_graphs), "train.grad_merge",
+         "pcgrad runs one backward per loss, which train.cuda_graphs does not capture", also=("train.cuda_graphs",))
 
     need(len(e.ks) > 0 and all(k >= 1 for k in e.ks), "eval.ks",
          "must be a non-empty list of integers >= 1")

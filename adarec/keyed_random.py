@@ -46,6 +46,13 @@ class Streams:
     GUMBEL = 3
     DIFFUSION = 4
     NOISED_COPIES = 5
+    # The peers (docs/peers.md): diffusion timesteps, their Gaussian noise, DiffuRec's lambda,
+    # DiffuASR's guide dropout, and the start noise of a reverse process at evaluation.
+    TIMESTEPS = 6
+    PEER_NOISE = 7
+    LAMBDA = 8
+    GUIDE_DROP = 9
+    REVERSE = 10
 
 
 def row_keys(seed: int, epoch: int, rows: np.ndarray) -> np.ndarray:
@@ -57,6 +64,25 @@ def row_keys(seed: int, epoch: int, rows: np.ndarray) -> np.ndarray:
             x = (x ^ (x >> np.uint64(shift))) * np.uint64(mul)
         x = x ^ (x >> np.uint64(31))
     return (x >> np.uint64(2)).astype(np.int64)
+
+
+def sequence_keys(input_ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """Keys [B] (int64) of evaluation rows from their contents and ``seed``: a user's reverse-process
+    noise is then the same whatever batch, rank or batch size scores it, and fixed per run.
+
+    Two independent 32-bit hashes of the (column, id) pairs: two rows share a key only if both
+    collide.
+    """
+    ids = input_ids.to(torch.int64) & _MASK32
+    cols = torch.arange(ids.shape[1], device=ids.device, dtype=torch.int64)
+    halves = []
+    for salt in (0x2545F491, 0x9E3779B1):
+        # Each (column, id) mixed on its own, weighted by an odd per-column multiplier, summed:
+        # a few whole-tensor ops, not a loop over columns.
+        cell = _mix32((ids + cols * 0x61C88647 + _mix32_int(int(seed) ^ salt)) & _MASK32)
+        weight = _mix32((cols * 0x85EBCA6B + salt) & _MASK32) | 1
+        halves.append(_mix32((cell * weight).sum(1) & _MASK32))
+    return halves[0] | (halves[1] << 32)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -25,9 +25,15 @@ def evaluate_split(model, split, which: str, ks, protocol: str = "full", batch_s
                    rank: int = 0, world_size: int = 1) -> dict[str, float]:
     if which not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {which!r}")
-    inputs = getattr(split, f"{which}_input")
-    targets = getattr(split, f"{which}_target")
-    history = getattr(split, f"{which}_history")
+    view = getattr(model, "eval_view", None)
+    if view is not None:
+        # A model evaluated on another task than the next item (DiffuASR's generator: the items
+        # before the sequence) says which inputs, histories and targets rank it.
+        inputs, history, targets = view(split, which)
+    else:
+        inputs = getattr(split, f"{which}_input")
+        targets = getattr(split, f"{which}_target")
+        history = getattr(split, f"{which}_history")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

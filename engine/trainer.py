@@ -244,6 +244,10 @@ class Trainer:
         active = self.active_engines()
         for engine in active.values():
             engine.train()
+            # Staged training (ADRec's frozen warm-up) keys off the epoch; a resumed run calls it too.
+            begin_epoch = getattr(engine.module, "begin_epoch", None)
+            if begin_epoch is not None:
+                begin_epoch(epoch_index)
         steps, log_every = len(self.sampler), self.cfg.train.log_every
         sums: dict[str, torch.Tensor] = {}
         bar = tqdm(total=steps, desc=f"epoch {epoch_index + 1}", disable=not self.dist.is_main,
@@ -316,7 +320,14 @@ class Trainer:
             with nvtx.phase("forward"), self._autocast():
                 loss, terms = engine(batch)
             with nvtx.phase("backward"):
-                engine.backward(loss)
+                if self.cfg.train.grad_merge == "pcgrad":
+                    from adarec.grad_merge import merged_gradient_loss
+
+                    # One gradient per loss, merged; the engine then back-propagates a surrogate
+                    # whose gradient is the merged one (adarec/grad_merge.py).
+                    engine.backward(merged_gradient_loss(engine.module, engine.module.loss_parts, "pcgrad"))
+                else:
+                    engine.backward(loss)
             # The launch counter (profiling/opcount.py) counts this range as one fused launch.
             with nvtx.phase("optimizer_step"), optimizer_range():
                 engine.step()

@@ -84,10 +84,14 @@ def _seen_sorted(items: np.ndarray, offsets: np.ndarray, num_items: int) -> tupl
     return out, count
 
 
-def build_split(seqs: UserSequences, max_len: int = 50, shorten_seq_to: int | None = None) -> SplitData:
+def build_split(seqs: UserSequences, max_len: int = 50, shorten_seq_to: int | None = None,
+                augmented_prefix: int = 0) -> SplitData:
     """Build the leave-one-out split of ``seqs`` (see module docstring).
 
     ``max_len`` is ignored when ``shorten_seq_to`` is given (the length is then k + 3).
+    ``augmented_prefix = a``: each sequence starts with a generated items (an `adarec augment`
+    file, DiffuASR). They stay in the inputs, but no training target is a generated item and the
+    evaluation histories hold only real items.
     """
     if shorten_seq_to is not None:
         if isinstance(shorten_seq_to, bool) or not isinstance(shorten_seq_to, (int, np.integer)) \
@@ -108,24 +112,32 @@ def build_split(seqs: UserSequences, max_len: int = 50, shorten_seq_to: int | No
         u = int(np.argmax(n < MIN_ITEMS))
         raise DataError(f"{seqs.source}: user {int(seqs.user_ids[u])} has {int(n[u])} items; at "
                         f"least {MIN_ITEMS} are needed (train/valid/test)")
+    if augmented_prefix and (n < MIN_ITEMS + augmented_prefix).any():
+        u = int(np.argmax(n < MIN_ITEMS + augmented_prefix))
+        raise DataError(f"{seqs.source}: user {int(seqs.user_ids[u])} has {int(n[u])} items, fewer than "
+                        f"data.augmented_prefix ({augmented_prefix}) generated + {MIN_ITEMS} real ones")
     if len(items) and (items.min() < 1 or items.max() > seqs.num_items):
         raise DataError(f"{seqs.source}: item ids must lie in 1..{seqs.num_items}")
     end = offsets[1:]
 
-    def padded(cut: int, length_cap: int, cols: int, shift: int = 0) -> np.ndarray:
-        # Prefix s[:-cut] (optionally shifted right by `shift` for targets), last length_cap items.
-        return _right_aligned(items, end - cut + shift, np.minimum(n - cut, length_cap), cols)
+    def padded(cut: int, length_cap: int, cols: int, shift: int = 0, skip: int = 0) -> np.ndarray:
+        # Prefix s[:-cut] (optionally shifted right by `shift` for targets), last length_cap items,
+        # never its first `skip` items.
+        return _right_aligned(items, end - cut + shift, np.minimum(n - cut - skip, length_cap), cols)
 
+    a = int(augmented_prefix)
     train_rows = np.flatnonzero(n > MIN_ITEMS)
     train_in = padded(3, keep, width)[train_rows]
-    train_tg = padded(3, keep, width, shift=1)[train_rows]
+    # The target in column c of a row is item s[j] with j = n - 2 - width + c; generated ones
+    # (j < a) are not targets.
+    train_tg = padded(3, keep, width, shift=1, skip=max(a - 1, 0))[train_rows]
     valid_in, test_in = padded(2, keep, width), padded(1, keep, width)
     if shorten_seq_to is not None:
-        valid_hist = padded(2, keep, int(np.minimum(n - 2, keep).max()))
-        test_hist = padded(1, keep, int(np.minimum(n - 1, keep).max()))
+        valid_hist = padded(2, keep, int(np.minimum(n - 2 - a, keep).max()), skip=a)
+        test_hist = padded(1, keep, int(np.minimum(n - 1 - a, keep).max()), skip=a)
     else:
-        valid_hist = padded(2, int(n.max()), int(n.max() - 2))
-        test_hist = padded(1, int(n.max()), int(n.max() - 1))
+        valid_hist = padded(2, int(n.max()), int((n - 2 - a).max()), skip=a)
+        test_hist = padded(1, int(n.max()), int((n - 1 - a).max()), skip=a)
     seen, seen_count = _seen_sorted(items, offsets, int(seqs.num_items))
 
     t = torch.from_numpy

@@ -1,20 +1,33 @@
 """Sequential recommenders, built by name from the model config."""
 
+import importlib
+
 from .adarec import ADARec
 from .dual import NoisedELCRec, ScoreAverage, build_dual_experts
 from .elcrec import ELCRec
 from .sasrec import SASRec
 
 MODELS = {"sasrec": SASRec, "elcrec": ELCRec, "adarec": ADARec}
+# The peers (docs/peers.md), imported when first built: a run of another model never loads them.
+PEERS = {"diffurec": "adarec.models.diffurec:DiffuRec", "adrec": "adarec.models.adrec:ADRec",
+         "diffuasr": "adarec.models.diffuasr:DiffuASR"}
+
+
+def model_class(name: str):
+    """The class of model.name."""
+    if name in PEERS:
+        module, _, attr = PEERS[name].partition(":")
+        return getattr(importlib.import_module(module), attr)
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join([*MODELS, *PEERS])}") from None
 
 
 def build_model(cfg, num_items: int, max_len: int, kernel_backend: str = "auto"):
     """Instantiate a single-network model.name with its config section; kernel_backend
     (kernels.backend) picks fused or eager ops in the models that have them."""
-    try:
-        cls = MODELS[cfg.name]
-    except KeyError:
-        raise ValueError(f"unknown model {cfg.name!r}; available: {', '.join(MODELS)}") from None
+    cls = model_class(cfg.name)
     if cls is ADARec:
         return cls(cfg, num_items, max_len, kernel_backend=kernel_backend)
     return cls(cfg, num_items, max_len)
@@ -34,5 +47,5 @@ def scorer(members: dict):
     return next(iter(members.values())) if len(members) == 1 else ScoreAverage(members)
 
 
-__all__ = ["MODELS", "ADARec", "ELCRec", "NoisedELCRec", "SASRec", "ScoreAverage", "build_members",
-           "build_model", "scorer"]
+__all__ = ["MODELS", "PEERS", "ADARec", "ELCRec", "NoisedELCRec", "SASRec", "ScoreAverage", "build_members",
+           "build_model", "model_class", "scorer"]
