@@ -498,8 +498,9 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
     for key in ("cf_weight", "intent_cf_weight", "trade_off"):
         need(getattr(m, key) >= 0, f"model.{key}", "must be >= 0")
     need(m.cl_temperature > 0, "model.cl_temperature", "must be > 0")
-    need(0 <= m.max_depth <= m.diffusion_steps, "model.max_depth", "must be in [0, model.diffusion_steps]",
-         also=("model.diffusion_steps",))
+    if m.name in ("adarec", "adarec-dual"):
+        need(0 <= m.max_depth <= m.diffusion_steps, "model.max_depth", "must be in [0, model.diffusion_steps]",
+             also=("model.diffusion_steps",))
     need(m.diffusion_steps >= 1, "model.diffusion_steps", "must be >= 1")
     need(m.gumbel_tau > 0, "model.gumbel_tau", "must be > 0")
     need(m.denoiser_mult >= 1, "model.denoiser_mult", "must be >= 1")
