@@ -1,4 +1,4 @@
-"""Command line: `adarec train` and `adarec evaluate`.
+"""Command line: `adarec train`, `adarec evaluate` and `adarec augment` (DiffuASR's augmented data file).
 
 Every AdarecError (bad data, bad config, nothing to resume...) ends with one message on stderr
 and exit status 2; anything else is a bug and keeps its traceback.
@@ -61,6 +61,31 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def augment_command(args: argparse.Namespace) -> int:
+    """The generator's config is the one its run saved (with --set over it), so that the weights fit;
+    --config locates the default run, runs/<model>_<data file stem>, and is otherwise only checked."""
+    from .augment_file import write_augmented
+    from .config import apply_overrides, load_config
+    from .engine.distributed import pick_device
+
+    if not args.config and not args.run:
+        raise AdarecError("augment needs --config FILE (the generator's config) or --run DIR (its run)")
+    given = load_config(args.config, args.overrides) if args.config else None
+    if given is not None and given.model.name != "diffuasr":
+        raise AdarecError(f"{args.config}: augment needs a diffuasr generator config, this one trains "
+                          f"model.name={given.model.name!r}")
+    run_dir = Path(args.run) if args.run else Path("runs") / f"{given.model.name}_{Path(given.data.path).stem}"
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        cfg = apply_overrides(load_config(saved), args.overrides)
+    elif given is not None:
+        cfg = given
+    else:
+        raise AdarecError(f"{run_dir}: not a trained run (no config.yaml); pass --config or train the generator")
+    print(json.dumps(write_augmented(cfg, run_dir, args.output, pick_device(args.device))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adarec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--allow-unfinished", action="store_true",
                     help="evaluate the test split of a run that has not ended (recorded in metrics.jsonl)")
     ev.set_defaults(func=evaluate_command)
+    aug = sub.add_parser("augment", help="write DiffuASR's augmented data file (generated items before every "
+                                         "sequence) from a trained generator")
+    aug.add_argument("--config", help="the generator's YAML config (configs/diffuasr_*.yaml)")
+    aug.add_argument("--run", help="the generator's run directory (default: runs/<model>_<data file stem>)")
+    aug.add_argument("--output", required=True, help="augmented interaction file to write (and FILE.json)")
+    aug.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    aug.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                     help="settings over the run's config, e.g. --set model.guidance_weight=0.2")
+    aug.set_defaults(func=augment_command)
     return parser
 
 

@@ -57,6 +57,8 @@ def test_shipped_config_loads(path):
     cfg = load_config(path)
     if cfg.data.path == "data/Yelp.txt":  # not shipped; the config documents where it goes
         assert "data/Yelp.txt" in path.read_text()
+    elif cfg.data.augmented_prefix:      # written by `adarec augment`; the config says how
+        assert cfg.data.path.startswith("runs/diffuasr_") and "adarec augment" in path.read_text()
     else:
         assert resolve_data_path(cfg).is_file()
     assert path.read_text().startswith("#"), "every shipped config starts with a comment header"
