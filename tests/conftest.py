@@ -25,7 +25,8 @@ def pytest_collection_modifyitems(config, items):
 def _one_thread(request):
     """One intra-op thread for the tiny-tensor model tests: OpenMP threads stall on a CPU shared
     with other work and buy nothing at these sizes."""
-    one_thread = ("test_adarec", "test_causality", "test_diffusion_fusion", "test_models", "test_trajectory_kernel")
+    one_thread = ("test_adarec", "test_causality", "test_diffusion_fusion", "test_models", "test_trajectory_kernel",
+                  "test_diffurec", "test_adrec", "test_diffuasr", "test_grad_merge", "test_peer_seams")
     if request.module.__name__.rsplit(".", 1)[-1] not in one_thread:
         yield
         return
