@@ -4,10 +4,11 @@ A trained generator (adarec/models/diffuasr.py) writes k = model.prefix_items ge
 front of every user's real sequence, in the format of the data files (`user item item ...`,
 oldest first), so that a downstream model trains on it with data.augmented_prefix = k.
 
-- The guide of user s (n items) is s[:m] with m = min(n - 1, L - k): the items right after the
+- The guide of user s (n items) is s[:m] with m = min(n - 2, L - k): the items right after the
   generated block, as in training, where the guide is the rest of an L-item window after its
-  first k items. It never holds the test item s[-1] (and a user's valid item s[-2] only when
-  the sequence is short, as the public code, which guides with train + valid items).
+  first k items. It holds training items only, never the valid item s[-2] or the test item
+  s[-1]: the public code guides with train + valid items, which would let the generated prefix
+  carry the validation target into the inputs that model selection scores.
 - The start noise is keyed by the guide and train.seed: the same run writes the same file.
 - Rounding: the item (1..N) with the largest cosine with a generated vector, computed over
   blocks of rows and items with a running maximum (never a [rows, N, D] tensor).
@@ -35,10 +36,10 @@ WEIGHTS = "best_model.pt"
 
 
 def guide_rows(seqs: UserSequences, prefix_items: int, width: int) -> np.ndarray:
-    """Each user's guide s[:min(n - 1, width - k)], left-padded to [U, width] (module docstring)."""
+    """Each user's guide s[:min(n - 2, width - k)], left-padded to [U, width] (module docstring)."""
     items = np.asarray(seqs.items, dtype=np.int64)
     start = np.asarray(seqs.offsets[:-1], dtype=np.int64)
-    count = np.minimum(seqs.lengths() - 1, width - prefix_items)
+    count = np.minimum(seqs.lengths() - 2, width - prefix_items)
     return _right_aligned(items, start + count, count, width)
 
 

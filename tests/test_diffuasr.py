@@ -175,19 +175,23 @@ def test_chunked_rounding_equals_brute_force():
     assert torch.equal(round_to_items(vectors, table), brute)
 
 
-def test_guide_never_holds_the_test_item(tmp_path):
+def test_guide_never_holds_the_valid_or_test_item(tmp_path):
     seqs = read_sequences(write_data(tmp_path / "d.txt"))
     guides = guide_rows(seqs, K, L)
     for u in range(len(seqs)):
         s = seqs.sequence(u)
-        m = min(len(s) - 1, L - K)
-        assert guides[u].tolist() == [0] * (L - m) + s[:m].tolist()          # s[:m], m <= n - 1
-    # Changing every user's test item leaves the generated prefixes unchanged.
+        m = min(len(s) - 2, L - K)
+        assert guides[u].tolist() == [0] * (L - m) + s[:m].tolist()          # s[:m], m <= n - 2
+    # Changing every user's valid and test items leaves the generated prefixes unchanged.
     run, cfg = trained_run(tmp_path, tmp_path / "d.txt")
     write_augmented(cfg, run, tmp_path / "a.txt")
     lines = (tmp_path / "d.txt").read_text().splitlines()
-    changed = [" ".join([*line.split()[:-1], str(int(line.split()[-1]) % N + 1)]) for line in lines]
-    (tmp_path / "d.txt").write_text("\n".join(changed) + "\n")
+
+    def moved(line):
+        words = line.split()
+        return " ".join([*words[:-2], *(str(int(w) % N + 1) for w in words[-2:])])
+
+    (tmp_path / "d.txt").write_text("\n".join(moved(line) for line in lines) + "\n")
     write_augmented(cfg, run, tmp_path / "b.txt")
     prefix = [[line.split()[:1 + K] for line in (tmp_path / f).read_text().splitlines()] for f in ("a.txt", "b.txt")]
     assert prefix[0] == prefix[1]

@@ -154,3 +154,25 @@ def test_the_sync_test_would_catch_a_boolean_selection_in_the_loss(trainers, mon
     counts = opcount.profile_trainer(trainers["sasrec"])
     assert counts["training step"].syncs >= 2
     assert counts["evaluation batch"].syncs == 0
+
+
+# -- the peers (docs/peers.md): their training steps and reverse processes ----------------------
+PEER_TINY = {
+    "diffurec": ["model.sample_steps=4"],
+    "adrec": ["model.diffusion_steps=4", "model.sample_steps=4", "model.pretrain_epochs=0", "train.grad_merge=sum"],
+    "adrec-pcgrad": ["model.diffusion_steps=4", "model.sample_steps=4", "model.pretrain_epochs=0"],
+    "diffuasr": ["model.sample_steps=3"],
+}
+
+
+@pytest.mark.parametrize("peer", sorted(PEER_TINY))
+def test_peer_training_step_and_reverse_process_do_not_sync(tmp_path, peer):
+    model = peer.split("-")[0]
+    overrides = ["data.max_users=120", "model.hidden_size=16", "model.num_layers=1", "train.batch_size=32",
+                 "eval.batch_size=32", *PEER_TINY[peer]]
+    trainer = opcount._build_trainer(str(REPO / f"configs/{model}_beauty.yaml"), overrides, tmp_path)
+    assert trainer.cfg.train.grad_merge == ("pcgrad" if peer == "adrec-pcgrad" else "sum")
+    counts = opcount.profile_trainer(trainer)
+    for phase, counted in counts.items():
+        assert counted.syncs == 0, f"{peer} {phase}: {dict(counted.sync_ops)}"
+        assert counted.launches > 20, f"{peer} {phase}: the profile recorded nothing"
