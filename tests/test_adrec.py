@@ -21,14 +21,6 @@ from adarec.models.peer_schedule import betas
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_model(seed=0, **kw):
     base = {"name": "adrec", "hidden_size": 16, "num_layers": 2, "denoiser_layers": 2, "num_heads": 4,
             "hidden_dropout": 0.1, "attn_dropout": 0.1, "emb_dropout": 0.3, "diffusion_steps": 8,
