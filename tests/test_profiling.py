@@ -124,3 +124,14 @@ def test_ranking_precision_reports_bf16_ties(tmp_path, capsys):
     assert set(result) >= {"bf16", "fp32"}
     assert result["bf16"]["target_tied_frac"] > result["fp32"]["target_tied_frac"]
     assert 0.0 <= result["fp32"]["NDCG@20"] <= result["fp32"]["HR@20"] <= 1.0
+
+
+def test_reverse_benchmark_times_the_last_row_path_against_the_all_rows_one(tmp_path):
+    from adarec.profiling import bench_reverse
+
+    rows = bench_reverse.main(["--batch", "3", "--repeats", "1", "--warmup", "0", "--models", "adrec",
+                               "--device", "cpu", "--out", str(tmp_path)])
+    assert [r["case"] for r in rows] == ["adrec, all rows every step (public code)", "adrec, last row only"]
+    assert rows[0]["speedup_vs_first"] == 1.0
+    assert rows[1]["speedup_vs_first"] == pytest.approx(rows[0]["median_ms"] / rows[1]["median_ms"])
+    assert (tmp_path / "reverse.md").exists() and rows[1]["device"] == "cpu"
