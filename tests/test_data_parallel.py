@@ -1,8 +1,9 @@
 """Data parallelism: N ranks at B / N rows each train the model one rank trains at batch B.
 
 The end-to-end test runs tests/data_parallel_worker.py as one process and as two gloo ranks
-(dropout 0: dropout streams are per rank) for sasrec, elcrec, adarec and adarec-dual at ZeRO 0
-and sasrec / adarec at ZeRO 1 and 2, and compares the global batch's loss terms after every
+(dropout 0: dropout streams are per rank) for sasrec, elcrec, adarec, adarec-dual and the peers
+(diffurec, adrec with its pcgrad merge and stages, diffuasr) at ZeRO 0 and sasrec / adarec at
+ZeRO 1 and 2, and compares the global batch's loss terms after every
 step and the validation metrics after 2 epochs. The unit tests check the pieces it rests on:
 row-keyed draws, the sampler's rank slices, the global losses.
 """
@@ -24,7 +25,8 @@ from adarec.keyed_random import GeneratorDraws, KeyedDraws, Streams, row_keys
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "data_parallel_worker.py"
-CASES = ["sasrec:0", "elcrec:0", "adarec:0", "adarec-dual:0", "sasrec:1", "adarec:1", "sasrec:2", "adarec:2"]
+CASES = ["sasrec:0", "elcrec:0", "adarec:0", "adarec-dual:0", "sasrec:1", "adarec:1", "sasrec:2", "adarec:2",
+         "diffurec:0", "adrec:0", "diffuasr:0"]
 
 
 
@@ -56,7 +58,9 @@ def runs(tmp_path_factory):
 def test_two_ranks_train_the_one_rank_model(runs, case):
     one, two = runs[0][case], runs[1][case]
     assert one["rows_per_step"] == two["rows_per_step"] == 32
-    assert len(one["steps"]) == len(two["steps"]) == 6       # 90 rows: 3 steps an epoch, 2 epochs
+    # 90 users: 3 steps an epoch, 2 epochs; DiffuRec trains one row per prefix.
+    assert one["rows"] == two["rows"] == (90 if not case.startswith("diffurec") else one["rows"]) >= 90
+    assert len(one["steps"]) == len(two["steps"]) == 2 * -(-one["rows"] // 32)
     for step, (a, b) in enumerate(zip(one["steps"], two["steps"], strict=True)):
         assert a.keys() == b.keys()
         for term in a:

@@ -5,8 +5,9 @@ The k generated item vectors [B, k, D] are read as an image of k channels and si
 channel stays one sequence position. The network is a small DDPM-style U-Net: residual blocks
 conditioned on (time embedding + guide embedding), stride-2 downsampling, nearest-neighbour
 upsampling, skip connections. The public code's settings are the defaults: channel multipliers
-(1, 2, 2, 2), two residual blocks per level, GroupNorm with 8 groups, no attention (its
-attention resolution, 16, is larger than the 8 x 8 image).
+(1, 2, 2, 2), two residual blocks per level, no attention (its attention resolution, 16, is
+larger than the 8 x 8 image). GroupNorm has groups of 4 channels and the conditioning enters as
+a scale and shift after it (_ResBlock).
 """
 
 from __future__ import annotations
@@ -32,24 +33,30 @@ def square_side(hidden_size: int) -> int:
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(8, channels), channels, eps=1e-6)
+    # Groups of 4 channels (at these widths, 8 to 16 channels): a group of one channel would
+    # normalise away every per-channel shift before it.
+    return nn.GroupNorm(max(1, channels // 4), channels, eps=1e-6)
 
 
 class _ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, the conditioning embedding added in between."""
+    """GroupNorm-SiLU-conv twice; the conditioning embedding (time + guide) scales and shifts the
+    second normalisation's output: h = norm2(h) (1 + scale) + shift (improved-diffusion's
+    scale-shift norm). Added before the normalisation, as DDPM's U-Net does, a per-channel shift
+    would be removed by it wherever a group is one channel wide, and the guide lost with it."""
 
     def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float):
         super().__init__()
         self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, cout)
+        self.emb = nn.Linear(emb_dim, 2 * cout)
         self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
