@@ -120,9 +120,9 @@ def test_reverse_process_matches_a_hand_computation():
     assert torch.allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_last_row_inference_equals_full_recomputation_exactly(layers):
-    model = make_model(denoiser_layers=layers).eval()
+@pytest.mark.parametrize("layers, sample_steps", [(1, 8), (2, 8), (2, 3)])
+def test_last_row_inference_equals_full_recomputation_exactly(layers, sample_steps):
+    model = make_model(denoiser_layers=layers, sample_steps=sample_steps).eval()
     model.prepare(None, "cpu", seed=3)
     ids = torch.cat([perturbation_ids(), synthetic_batch(NUM_ITEMS, 5, MAX_LEN, 1)["input_ids"]])
     fast, full = model.score(ids), model.score_recomputed(ids)
@@ -250,3 +250,19 @@ def test_bf16_autocast_trains_and_scores_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         scores = model.score(perturbation_ids())
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+
+
+def test_fewer_sample_steps_respace_the_reverse_process(monkeypatch):
+    """sample_steps = 3 of T = 8: the denoiser is told the timesteps 7, 4, 0 (evenly spaced, both
+    ends kept) and each step is the respaced DDPM's posterior step."""
+    model = make_model(sample_steps=3).eval()
+    model.prepare(None, "cpu", seed=3)
+    told = []
+    original = model.denoiser_input
+    monkeypatch.setattr(model, "denoiser_input",
+                        lambda c, x_t, t: told.append(t.flatten().unique().tolist()) or original(c, x_t, t))
+    model.score(perturbation_ids())
+    assert told[1:] == [[7], [4], [0]]                     # told[0]: the history rows, t = 0
+    abar = np.cumprod(1 - betas("trunc_lin", 8))[[0, 4, 7]]
+    beta = 1 - abar / np.append(1.0, abar[:-1])
+    assert np.allclose(model.reverse_schedule.beta.numpy(), beta, rtol=1e-6)

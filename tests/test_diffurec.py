@@ -16,8 +16,7 @@ from adarec.data.prefixes import expand_prefixes
 from adarec.errors import ConfigError
 from adarec.keyed_random import KeyedDraws, Streams, sequence_keys
 from adarec.models import build_model
-from adarec.models.diffurec import RespacedSchedule, spaced_timesteps
-from adarec.models.peer_schedule import PeerSchedule
+from adarec.models.peer_schedule import PeerSchedule, RespacedSchedule, spaced_timesteps
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_ITEMS, MAX_LEN, HIDDEN = 40, 8, 16

@@ -37,7 +37,7 @@ from adarec.keyed_random import KeyedDraws, Streams, as_draws, sequence_keys
 from adarec.parallel import global_mean
 from adarec.profiling import nvtx
 
-from .peer_schedule import PeerSchedule, timestep_embedding
+from .peer_schedule import PeerSchedule, RespacedSchedule, spaced_timesteps, timestep_embedding
 
 LAYER_NORM_EPS = 1e-12
 # Stage 1 (pre-training) runs its own small loop with the public code's optimizer settings; the
@@ -164,9 +164,6 @@ class ADRec(nn.Module):
 
     def __init__(self, cfg, num_items: int, max_len: int):
         super().__init__()
-        if cfg.sample_steps != cfg.diffusion_steps:
-            raise ValueError("ADRec samples with every diffusion step: model.sample_steps must equal "
-                             f"model.diffusion_steps, got {cfg.sample_steps} and {cfg.diffusion_steps}")
         self.cfg = cfg
         self.num_items = num_items
         self.hidden = cfg.hidden_size
@@ -179,6 +176,10 @@ class ADRec(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(cfg.hidden_size, 4 * cfg.hidden_size), nn.SiLU(),
                                         nn.Linear(4 * cfg.hidden_size, cfg.hidden_size))
         self.schedule = PeerSchedule(cfg.noise_schedule, cfg.diffusion_steps)
+        # Inference over model.sample_steps of the T steps (all of them by default, as the public
+        # code); fewer are respaced like DiffuRec's (peer_schedule.RespacedSchedule).
+        self.sample_timesteps = spaced_timesteps(cfg.diffusion_steps, cfg.sample_steps)
+        self.reverse_schedule = RespacedSchedule(cfg.noise_schedule, cfg.diffusion_steps, self.sample_timesteps)
         self.steps = cfg.diffusion_steps
         self.time_scale = 1000.0 / cfg.diffusion_steps
         self.lam = cfg.lambda_uncertainty
@@ -288,12 +289,15 @@ class ADRec(nn.Module):
         draws = KeyedDraws(sequence_keys(input_ids, self._eval_seed), Streams.REVERSE)
         x_t = draws.normal((1, self.hidden)).to(c_last.dtype)
         caches = [None] * len(self.denoiser)
-        for step in reversed(range(self.steps)):
-            t = torch.full((rows, 1), step, dtype=torch.long, device=input_ids.device)
+        for step in reversed(range(len(self.sample_timesteps))):
+            # The denoiser is told the original timestep; the posterior uses the respaced index.
+            t = torch.full((rows, 1), self.sample_timesteps[step], dtype=torch.long, device=input_ids.device)
+            index = torch.full((rows, 1), step, dtype=torch.long, device=input_ids.device)
             if not reuse_history:
                 caches = [None] * len(self.denoiser)
             x0_hat = self._denoise_last(hist, c_last, x_t, t, hist_valid, last_valid, caches)
-            x_t = self.schedule.posterior_step(x0_hat, x_t, t, draws.normal((1, self.hidden)).to(x_t.dtype))
+            x_t = self.reverse_schedule.posterior_step(x0_hat, x_t, index,
+                                                       draws.normal((1, self.hidden)).to(x_t.dtype))
         return x_t[:, 0]
 
     @torch.no_grad()

@@ -25,7 +25,6 @@ Kept from the public code (docs/peers.md, "DiffuRec"):
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,44 +33,9 @@ from adarec.keyed_random import GeneratorDraws, KeyedDraws, Streams, sequence_ke
 from adarec.parallel import global_mean
 from adarec.profiling import nvtx
 
-from .peer_schedule import PeerSchedule, betas, timestep_embedding
+from .peer_schedule import PeerSchedule, RespacedSchedule, spaced_timesteps, timestep_embedding
 
 LAYER_NORM_EPS = 1e-12
-
-
-def spaced_timesteps(steps: int, count: int) -> list[int]:
-    """`count` of the timesteps 0..steps-1, evenly spaced with both ends kept (improved-diffusion's
-    respacing with one section): round(i (T - 1) / (S - 1)), i = 0..S-1. count = steps: all."""
-    if not 1 <= count <= steps:
-        raise ValueError(f"sample_steps must be in [1, diffusion_steps = {steps}], got {count}")
-    if count == 1:
-        return [0]
-    stride = (steps - 1) / (count - 1)
-    return [round(i * stride) for i in range(count)]
-
-
-class RespacedSchedule(PeerSchedule):
-    """A PeerSchedule's reverse process over the timesteps tau_0 < .. < tau_{S-1} only: the same
-    buffers rebuilt from abar'_i = abar[tau_i] and beta'_i = 1 - abar'_i / abar'_{i-1}, a DDPM over
-    S steps with the same marginals q(x_tau | x0). With S = T these are the schedule's own values.
-    Index i of the buffers is reverse step i; the Approximator is told the original tau_i."""
-
-    def __init__(self, schedule: str, steps: int, timesteps: list[int]):
-        super().__init__(schedule, steps)
-        abar = np.cumprod(1.0 - betas(schedule, steps))[timesteps]
-        abar_prev = np.append(1.0, abar[:-1])
-        beta = 1.0 - abar / abar_prev
-        posterior_var = beta * (1.0 - abar_prev) / (1.0 - abar)
-        values = {
-            "beta": beta, "abar": abar, "abar_prev": abar_prev, "sqrt_abar": np.sqrt(abar),
-            "sqrt_one_minus_abar": np.sqrt(1.0 - abar),
-            "coef_x0": beta * np.sqrt(abar_prev) / (1.0 - abar),
-            "coef_xt": (1.0 - abar_prev) * np.sqrt(1.0 - beta) / (1.0 - abar),
-            "log_var": np.log(np.append(posterior_var[1], beta[1:]) if len(beta) > 1 else beta),
-        }
-        self.steps = len(timesteps)
-        for name, value in values.items():
-            self.register_buffer(name, torch.tensor(value, dtype=torch.float32), persistent=False)
 
 
 class DiffuRecBlock(nn.Module):
