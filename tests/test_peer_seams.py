@@ -135,11 +135,12 @@ def test_bad_peer_settings_name_the_key(override, key):
         load_config(None, override)
 
 
-def test_every_model_name_builds_a_class():
+def test_every_model_name_has_a_class_and_loads_its_rows():
     from adarec.config import MODEL_NAMES
 
     for name in MODEL_NAMES:
-        if name != "adarec-dual":
-            assert callable(model_class(name))
+        assert callable(model_class(name))
+    cfg = load_config(REPO / "configs/adarec-dual_beauty.yaml", ["data.max_users=30"])
+    assert load_split(cfg, torch.device("cpu")).train_input.shape[0] == 30      # one row per user
     with pytest.raises(ValueError, match="unknown model 'bert4rec'"):
         model_class("bert4rec")

@@ -14,14 +14,16 @@ PEERS = {"diffurec": "adarec.models.diffurec:DiffuRec", "adrec": "adarec.models.
 
 
 def model_class(name: str):
-    """The class of model.name."""
+    """The class of model.name's network (adarec-dual: the class of its two experts)."""
+    if name == "adarec-dual":
+        return NoisedELCRec
     if name in PEERS:
         module, _, attr = PEERS[name].partition(":")
         return getattr(importlib.import_module(module), attr)
     try:
         return MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join([*MODELS, *PEERS])}") from None
+        raise ValueError(f"unknown model {name!r}; available: {', '.join([*MODELS, 'adarec-dual', *PEERS])}") from None
 
 
 def build_model(cfg, num_items: int, max_len: int, kernel_backend: str = "auto"):
