@@ -296,7 +296,7 @@ def test_the_run_seed_travels_with_the_weights():
     fresh = tiny_model(initializer_range=0.5).eval()                # other weights, seed 0
     before = fresh.score(ids)
     fresh.load_state_dict(model.state_dict())
-    assert fresh.eval_seed == 9 and torch.equal(fresh.score(ids), model.score(ids))
+    assert int(fresh.eval_seed) == 9 and torch.equal(fresh.score(ids), model.score(ids))
     model.prepare(None, "cpu", 10)                                   # another seed, other start noise
     assert not torch.equal(model.score(ids), fresh.score(ids)) and not torch.equal(before, fresh.score(ids))
 

@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adarec.keyed_random import KeyedDraws, Streams, as_draws, sequence_keys
+from adarec.keyed_random import KeyedDraws, Streams, as_draws
 from adarec.parallel import global_mean
 from adarec.profiling import nvtx
 
+from .eval_seed import add_eval_seed, eval_keys, set_eval_seed
 from .peer_schedule import PeerSchedule, RespacedSchedule, spaced_timesteps, timestep_embedding
 
 LAYER_NORM_EPS = 1e-12
@@ -115,11 +116,6 @@ def _stack(cfg, layers: int) -> nn.ModuleList:
                          for _ in range(layers))
 
 
-def _read_eval_seed(module: ADRec, incompatible_keys) -> None:
-    # Once per load, not per score call: the evaluation keys need the seed on the host.
-    module._eval_seed = int(module.eval_seed)
-
-
 class _PretrainNet(nn.Module):
     """Stage 1: SASRec without position embedding, as the public `pretrain` model:
     E[ids] -> LayerNorm (eps 1e-5) -> Dropout(emb_dropout) -> causal blocks; full CE over rows 0..N."""
@@ -186,9 +182,7 @@ class ADRec(nn.Module):
         self.frozen = False
         self.loss_parts: tuple[torch.Tensor, torch.Tensor] | None = None
         # The evaluation seed travels with the weights (a resumed run does not call prepare).
-        self.register_buffer("eval_seed", torch.zeros((), dtype=torch.int64))
-        self._eval_seed = 0
-        self.register_load_state_dict_post_hook(_read_eval_seed)
+        add_eval_seed(self)
 
     @property
     def never_rank(self) -> tuple[int, int]:
@@ -199,8 +193,7 @@ class ADRec(nn.Module):
     def prepare(self, split, device, seed: int) -> None:
         """Fix the evaluation seed; stage 1 when model.pretrain_epochs > 0: pre-train a SASRec-style
         model on the training rows and start from its item embeddings (deterministic under seed)."""
-        self.eval_seed.fill_(int(seed))
-        self._eval_seed = int(seed)
+        set_eval_seed(self, seed)
         if self.cfg.pretrain_epochs > 0:
             pretrained = pretrain_embeddings(self.cfg, split, device, seed)
             with torch.no_grad():
@@ -286,7 +279,7 @@ class ADRec(nn.Module):
     def _reverse(self, input_ids: torch.Tensor, reuse_history: bool) -> torch.Tensor:
         hist, c_last, hist_valid, last_valid = self._history(input_ids)
         rows = input_ids.shape[0]
-        draws = KeyedDraws(sequence_keys(input_ids, self._eval_seed), Streams.REVERSE)
+        draws = KeyedDraws(eval_keys(self, input_ids), Streams.REVERSE)
         x_t = draws.normal((1, self.hidden)).to(c_last.dtype)
         caches = [None] * len(self.denoiser)
         for step in reversed(range(len(self.sample_timesteps))):

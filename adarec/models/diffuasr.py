@@ -33,10 +33,11 @@ import torch
 from torch import nn
 
 from adarec.errors import ConfigError
-from adarec.keyed_random import KeyedDraws, Streams, as_draws, sequence_keys
+from adarec.keyed_random import KeyedDraws, Streams, as_draws
 from adarec.parallel import global_mean
 from adarec.profiling import nvtx
 
+from .eval_seed import add_eval_seed, eval_keys, set_eval_seed
 from .peer_schedule import PeerSchedule, betas
 from .su_net import SUNet, square_side
 
@@ -68,11 +69,6 @@ def split_block(input_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     block = input_ids.gather(1, block_cols)
     guide = torch.where(cols[None, :] >= (first + k)[:, None], input_ids, torch.zeros_like(input_ids))
     return block, guide, count > k
-
-
-def _read_seed(module, incompatible) -> None:
-    """After load_state_dict: the seed the weights were trained with (a host read, once)."""
-    module.eval_seed = int(module.noise_seed)
 
 
 class DiffuASR(nn.Module):
@@ -107,9 +103,7 @@ class DiffuASR(nn.Module):
         self.register_buffer("ddim_abar_next", torch.tensor(abar_next, dtype=torch.float32), persistent=False)
         # The run's seed keys the start noise of every generation. Saved with the weights, so that
         # `adarec evaluate` reproduces the run's numbers; read on the host only when loaded.
-        self.eval_seed = 0
-        self.register_buffer("noise_seed", torch.zeros((), dtype=torch.int64))
-        self.register_load_state_dict_post_hook(_read_seed)
+        add_eval_seed(self)
         self._views: dict[str, tuple] = {}
 
     @property
@@ -118,8 +112,7 @@ class DiffuASR(nn.Module):
 
     def prepare(self, split, device, seed: int) -> None:
         """Only remembers the run's seed, which keys the start noise of every generation."""
-        self.eval_seed = int(seed)
-        self.noise_seed.fill_(self.eval_seed)
+        set_eval_seed(self, seed)
 
     # -- the model ---------------------------------------------------------------------------
     def guide_vector(self, guide_ids: torch.Tensor) -> torch.Tensor:
@@ -169,7 +162,7 @@ class DiffuASR(nn.Module):
 
     def start_noise(self, guide_ids: torch.Tensor) -> torch.Tensor:
         """Start noise [B, k, D] keyed by the row's contents and the run's seed (batch-independent)."""
-        keys = sequence_keys(guide_ids, self.eval_seed)
+        keys = eval_keys(self, guide_ids)
         return KeyedDraws(keys, Streams.REVERSE).normal((self.k, self.hidden_size))
 
     def item_cosines(self, vectors: torch.Tensor) -> torch.Tensor:

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adarec.keyed_random import GeneratorDraws, KeyedDraws, Streams, sequence_keys
+from adarec.keyed_random import GeneratorDraws, KeyedDraws, Streams
 from adarec.parallel import global_mean
 from adarec.profiling import nvtx
 
+from .eval_seed import add_eval_seed, eval_keys, set_eval_seed
 from .peer_schedule import PeerSchedule, RespacedSchedule, spaced_timesteps, timestep_embedding
 
 LAYER_NORM_EPS = 1e-12
@@ -105,11 +106,6 @@ def step_keys(keys: torch.Tensor, step: int) -> torch.Tensor:
     return keys ^ (((step + 1) * 0x9E3779B97F4A7C15) % 2**62)
 
 
-def _read_eval_seed(module: DiffuRec, incompatible_keys) -> None:
-    # Once per load, not per score call: the evaluation keys need the seed on the host.
-    module._eval_seed = int(module.eval_seed)
-
-
 class DiffuRec(nn.Module):
     """forward(batch) -> (loss, {"rec"}); score(input_ids) -> [B, N+2] (module docstring)."""
 
@@ -129,9 +125,7 @@ class DiffuRec(nn.Module):
         self.reverse_schedule = RespacedSchedule(cfg.noise_schedule, cfg.diffusion_steps, self.sample_timesteps)
         self.approximator = Approximator(cfg, cfg.diffusion_steps)
         # The evaluation seed travels with the weights (a resumed run does not call prepare).
-        self.register_buffer("eval_seed", torch.zeros((), dtype=torch.int64))
-        self._eval_seed = 0
-        self.register_load_state_dict_post_hook(_read_eval_seed)
+        add_eval_seed(self)
 
     @property
     def never_rank(self) -> tuple[int, int]:
@@ -139,8 +133,7 @@ class DiffuRec(nn.Module):
 
     def prepare(self, split, device, seed: int) -> None:
         """Fix the seed of the evaluation noise (no data-dependent initialisation)."""
-        self.eval_seed.fill_(int(seed))
-        self._eval_seed = int(seed)
+        set_eval_seed(self, seed)
 
     def embed_history(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LayerNorm(Dropout(emb)) [B, L, H] and the padding queries [B, 1, L, 1]."""
@@ -178,7 +171,7 @@ class DiffuRec(nn.Module):
         step from its own keys, `step_keys`), so a user's scores do not depend on the batch. The
         history is embedded once; each step reruns the Approximator (x_t enters every position)."""
         rows, length = input_ids.shape
-        keys = sequence_keys(input_ids, self._eval_seed)
+        keys = eval_keys(self, input_ids)
         with nvtx.phase("reverse_process"):
             history, query_pad = self.embed_history(input_ids)
             x = KeyedDraws(keys, Streams.REVERSE).normal((self.hidden,))
