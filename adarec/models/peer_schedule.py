@@ -38,13 +38,17 @@ class PeerSchedule(nn.Module):
     the posterior q(x_{t-1} | x_t, x_0) mean coefficients (coef_x0, coef_xt) and its fixed-large
     log variance log([posterior_var_1, beta_1, ..., beta_{T-1}]), the choice of DiffuRec and ADRec."""
 
-    def __init__(self, schedule: str, steps: int):
+    def __init__(self, schedule: str, steps: int, timesteps: list[int] | None = None):
         super().__init__()
         beta = betas(schedule, steps)
         abar = np.cumprod(1.0 - beta)
+        if timesteps is not None:
+            # Respaced (RespacedSchedule): the same marginals at the chosen timesteps only.
+            abar = abar[timesteps]
+            beta = 1.0 - abar / np.append(1.0, abar[:-1])
         abar_prev = np.append(1.0, abar[:-1])
         posterior_var = beta * (1.0 - abar_prev) / (1.0 - abar)
-        log_var = np.log(np.append(posterior_var[1], beta[1:])) if steps > 1 else np.log(beta)
+        log_var = np.log(np.append(posterior_var[1], beta[1:])) if len(beta) > 1 else np.log(beta)
         values = {
             "beta": beta,
             "abar": abar,
@@ -55,7 +59,7 @@ class PeerSchedule(nn.Module):
             "coef_xt": (1.0 - abar_prev) * np.sqrt(1.0 - beta) / (1.0 - abar),
             "log_var": log_var,
         }
-        self.steps = steps
+        self.steps = len(beta)
         for name, value in values.items():
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32), persistent=False)
 
@@ -98,21 +102,7 @@ class RespacedSchedule(PeerSchedule):
     Index i of the buffers is reverse step i; the Approximator is told the original tau_i."""
 
     def __init__(self, schedule: str, steps: int, timesteps: list[int]):
-        super().__init__(schedule, steps)
-        abar = np.cumprod(1.0 - betas(schedule, steps))[timesteps]
-        abar_prev = np.append(1.0, abar[:-1])
-        beta = 1.0 - abar / abar_prev
-        posterior_var = beta * (1.0 - abar_prev) / (1.0 - abar)
-        values = {
-            "beta": beta, "abar": abar, "abar_prev": abar_prev, "sqrt_abar": np.sqrt(abar),
-            "sqrt_one_minus_abar": np.sqrt(1.0 - abar),
-            "coef_x0": beta * np.sqrt(abar_prev) / (1.0 - abar),
-            "coef_xt": (1.0 - abar_prev) * np.sqrt(1.0 - beta) / (1.0 - abar),
-            "log_var": np.log(np.append(posterior_var[1], beta[1:]) if len(beta) > 1 else beta),
-        }
-        self.steps = len(timesteps)
-        for name, value in values.items():
-            self.register_buffer(name, torch.tensor(value, dtype=torch.float32), persistent=False)
+        super().__init__(schedule, steps, timesteps)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
