@@ -5,9 +5,9 @@
 A bf16 engine holds bf16 weights. Scoring h · E^T in bf16 rounds the scores to 8 bits of
 mantissa, so many candidates tie with the target, and ties count against it (docs/method.md 4).
 This runs the same bf16 network twice over a split: once with the scores rounded to bf16 (what
-scoring in the training precision did), once in fp32 (what `item_scores` does), and reports the
-metrics and the share of users whose target ties with at least one other candidate. The test
-split is refused: this is a diagnostic, not an evaluation.
+scoring in the training precision did), once in fp32 (what `score` does,
+adarec/models/scoring.py), and reports the metrics and the share of users whose target ties
+with at least one other candidate. The test split is refused: this is a diagnostic, not an evaluation.
 """
 
 from __future__ import annotations

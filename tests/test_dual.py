@@ -98,19 +98,26 @@ def test_expert_loss_terms_against_loops_and_their_weights(monkeypatch):
 
 
 def test_score_average_is_the_mean_of_the_experts():
-    class Constant(torch.nn.Module):
+    class Fixed(torch.nn.Module):
         never_rank = (0, 10)
 
-        def __init__(self, value):
+        def __init__(self, dim, seed):
             super().__init__()
-            self.value = value
+            g = torch.Generator().manual_seed(seed)
+            self.query, self.table = torch.randn(3, dim, generator=g), torch.randn(11, dim, generator=g)
 
-        def score(self, ids):
-            return torch.full((ids.shape[0], 11), self.value)
+        def user_query(self, ids):
+            return self.query
 
-    avg = ScoreAverage({"e5": Constant(1.0), "e10": Constant(4.0)})
+        def item_table(self):
+            return self.table
+
+    a, b = Fixed(4, 0), Fixed(6, 1)          # members of different widths
+    avg = ScoreAverage({"e5": a, "e10": b})
     assert avg.never_rank == (0, 10)
-    assert torch.equal(avg.score(tiny_batch()["input_ids"]), torch.full((3, 11), 2.5))
+    mean = (a.query @ a.table.t() + b.query @ b.table.t()) / 2
+    torch.testing.assert_close(avg.score(tiny_batch()["input_ids"]), mean)
+    assert avg.user_query(None).shape == (3, 10) and avg.item_table().shape == (11, 10)
     members = build_members(tiny_cfg(), num_items=9, max_len=5)
     assert isinstance(scorer(members), ScoreAverage)
     single = build_members(tiny_cfg(name="elcrec"), num_items=9, max_len=5)

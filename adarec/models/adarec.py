@@ -252,9 +252,9 @@ class ADARec(ELCRec):
         return loss, {k: v.detach() for k, v in terms.items()}
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.user_representation(input_ids, last_only=True)["h"][:, -1]
-        return self.encoder.item_scores(h)
+    def user_query(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The fused user representation at the last position [B, D] (float32)."""
+        return self.user_representation(input_ids, last_only=True)["h"][:, -1].float()
 
     # -- observability: accumulated on device, read once per epoch ----------------------------
     @torch.no_grad()

@@ -39,6 +39,7 @@ from adarec.profiling import nvtx
 
 from .eval_seed import add_eval_seed, eval_keys, set_eval_seed
 from .peer_schedule import PeerSchedule, RespacedSchedule, spaced_timesteps, timestep_embedding
+from .scoring import inner_product_scores
 
 LAYER_NORM_EPS = 1e-12
 # Stage 1 (pre-training) runs its own small loop with the public code's optimizer settings; the
@@ -294,21 +295,24 @@ class ADRec(nn.Module):
         return x_t[:, 0]
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Scores of every embedding row (0 padding, 1..N items, N+1 unused) in float32 [B, N+2]."""
+    def user_query(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The reverse process's last-token result [B, D] (fp32), scored against every embedding row."""
         with nvtx.phase("reverse_process"):
-            final = self._reverse(input_ids, reuse_history=True)
-        return self._logits(final)
+            return self._reverse(input_ids, reuse_history=True).float()
+
+    def item_table(self) -> torch.Tensor:
+        """Every embedding row [N+2, D] in float32: 0 padding, 1..N items, N+1 unused."""
+        return self.item_embeddings.weight.float()
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Scores of every embedding row in float32 [B, N+2]."""
+        return inner_product_scores(self.user_query(input_ids), self.item_table())
 
     @torch.no_grad()
     def score_recomputed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """score() recomputing every row at every step, as the public code does (tests)."""
-        return self._logits(self._reverse(input_ids, reuse_history=False))
-
-    def _logits(self, final: torch.Tensor) -> torch.Tensor:
-        # float32 even under autocast: bf16 scores tie, and ties count against the target.
-        with torch.autocast(final.device.type, enabled=False):
-            return final.float() @ self.item_embeddings.weight.float().t()
+        return inner_product_scores(self._reverse(input_ids, reuse_history=False), self.item_table())
 
 
 def pretrain_embeddings(cfg, split, device, seed: int) -> torch.Tensor:

@@ -39,6 +39,7 @@ from adarec.profiling import nvtx
 
 from .eval_seed import add_eval_seed, eval_keys, set_eval_seed
 from .peer_schedule import PeerSchedule, betas
+from .scoring import inner_product_scores
 from .su_net import SUNet, square_side
 
 
@@ -165,20 +166,26 @@ class DiffuASR(nn.Module):
         keys = eval_keys(self, guide_ids)
         return KeyedDraws(keys, Streams.REVERSE).normal((self.k, self.hidden_size))
 
+    def item_table(self) -> torch.Tensor:
+        """Every embedding row, unit-normalised [N+2, D] (float32): the generator ranks by cosine."""
+        return torch.nn.functional.normalize(self.item_embeddings.weight.float(), dim=-1)
+
     def item_cosines(self, vectors: torch.Tensor) -> torch.Tensor:
         """Cosine of vectors [B, D] with every embedding row [B, N+2], in float32 (also under autocast)."""
-        with torch.autocast(vectors.device.type, enabled=False):
-            v = torch.nn.functional.normalize(vectors.float(), dim=-1)
-            table = torch.nn.functional.normalize(self.item_embeddings.weight.float(), dim=-1)
-            return v @ table.t()
+        return inner_product_scores(torch.nn.functional.normalize(vectors.float(), dim=-1), self.item_table())
+
+    @torch.no_grad()
+    def user_query(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The generated block's last vector (the one right before the guide), unit-normalised [B, D]."""
+        with nvtx.phase("reverse_process"):
+            x0 = self.generate(input_ids, self.start_noise(input_ids))
+        return torch.nn.functional.normalize(x0[:, -1].float(), dim=-1)
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Generate the k-block before each (guide) row and score every item by its cosine with the
-        block's last vector, the one right before the guide: [B, N+2]."""
-        with nvtx.phase("reverse_process"):
-            x0 = self.generate(input_ids, self.start_noise(input_ids))
-        return self.item_cosines(x0[:, -1])
+        block's last vector: [B, N+2]."""
+        return inner_product_scores(self.user_query(input_ids), self.item_table())
 
     # -- evaluation rows -----------------------------------------------------------------------
     def eval_view(self, split, which: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

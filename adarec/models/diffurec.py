@@ -35,6 +35,7 @@ from adarec.profiling import nvtx
 
 from .eval_seed import add_eval_seed, eval_keys, set_eval_seed
 from .peer_schedule import PeerSchedule, RespacedSchedule, spaced_timesteps, timestep_embedding
+from .scoring import inner_product_scores
 
 LAYER_NORM_EPS = 1e-12
 
@@ -164,8 +165,8 @@ class DiffuRec(nn.Module):
         return loss, {"rec": loss.detach()}
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Scores [B, N+2] (fp32) of the reverse process's result against every embedding row.
+    def user_query(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The reverse process's result [B, D] (fp32), scored against every embedding row.
 
         Start noise, step noise and lambda come from the row's contents and the run's seed (each
         step from its own keys, `step_keys`), so a user's scores do not depend on the batch. The
@@ -184,7 +185,14 @@ class DiffuRec(nn.Module):
                 x = self.reverse_schedule.posterior_step(x0_hat, x, step,
                                                          KeyedDraws(keys_i, Streams.REVERSE).normal((self.hidden,)))
         # At step 0 the posterior mean is x0_hat (coefficients 1 and 0) and no noise is added:
-        # x is the last x0_hat, what the public code ranks with. fp32 even under autocast: bf16
-        # scores tie, and ties count against the target.
-        with torch.autocast(input_ids.device.type, enabled=False):
-            return x.float() @ self.item_embeddings.weight.float().t()
+        # x is the last x0_hat, what the public code ranks with.
+        return x.float()
+
+    def item_table(self) -> torch.Tensor:
+        """Every embedding row [N+2, D] in float32 (row 0 is a candidate under eval.protocol unmasked)."""
+        return self.item_embeddings.weight.float()
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Scores [B, N+2] (fp32) of every embedding row: user_query against item_table."""
+        return inner_product_scores(self.user_query(input_ids), self.item_table())

@@ -29,6 +29,7 @@ from adarec.parallel import global_mean
 from .controller import LengthAwareGRU
 from .elcrec import ELCRec
 from .encoder import masked_mean
+from .scoring import inner_product_scores
 
 EXPERT_STEPS = {"e5": (3, 4), "e10": (8, 9)}
 NOISED_REC_WEIGHT = 0.5
@@ -104,7 +105,15 @@ class ScoreAverage(nn.Module):
     def never_rank(self):
         return next(iter(self.members.values())).never_rank
 
+    # The mean of the members' scores is one inner product of concatenated factors:
+    # mean_m q_m . e_m = [q_1/M, ..., q_M/M] . [e_1, ..., e_M] (adarec/models/scoring.py).
+    @torch.no_grad()
+    def user_query(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.user_query(input_ids) / len(self.members) for m in self.members.values()], dim=-1)
+
+    def item_table(self) -> torch.Tensor:
+        return torch.cat([m.item_table() for m in self.members.values()], dim=-1)
+
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
-        scores = [m.score(input_ids).float() for m in self.members.values()]
-        return torch.stack(scores).mean(0)
+        return inner_product_scores(self.user_query(input_ids), self.item_table())

@@ -104,11 +104,6 @@ class SequenceEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.encode(self.embed(input_ids), input_ids)
 
-    def item_scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Scores of every embedding row (tied output layer) in fp32, whatever the training
-        precision: bf16 scores tie, and ties count against the target (docs/method.md 4). [..., N+2]."""
-        return hidden.float() @ self.item_embeddings.weight.float().t()
-
 
 def masked_mean(x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean over the positions that hold an item; [B, L, D] -> [B, D]."""

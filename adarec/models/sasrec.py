@@ -9,6 +9,7 @@ from adarec.profiling import nvtx
 
 from .encoder import SequenceEncoder
 from .losses import bce_next_item_loss, ce_next_item_loss
+from .scoring import inner_product_scores
 
 
 class SASRec(nn.Module):
@@ -45,10 +46,18 @@ class SASRec(nn.Module):
         return loss, {"rec": loss.detach()}
 
     @torch.no_grad()
+    def user_query(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The last position's output [B, D] (float32): the next item is scored by it."""
+        return self.encoder(input_ids)[:, -1].float()
+
+    def item_table(self) -> torch.Tensor:
+        """Every embedding row [N+2, D] in float32 (tied output layer; adarec/models/scoring.py)."""
+        return self.encoder.item_embeddings.weight.float()
+
+    @torch.no_grad()
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Scores of every embedding row for the next item after each sequence: [B, N+2]."""
-        hidden = self.encoder(input_ids)[:, -1]
-        return self.encoder.item_scores(hidden)
+        return inner_product_scores(self.user_query(input_ids), self.item_table())
 
     def prepare(self, split, device, seed: int) -> None:
         """Data-dependent initialisation before training (none for SASRec)."""
