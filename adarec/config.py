@@ -227,6 +227,9 @@ class EvalConfig:
     candidates with their scores (the mask row, which their vocabularies lack, is not)."""
     batch_size: int = 1024
     """Users per evaluation batch."""
+    item_chunk: int = 65536
+    """Items scored at a time: evaluation holds batch_size x item_chunk scores and a running top-K,
+    never a users x items matrix, so a catalog of any size ranks in bounded memory."""
     select_metric: str = "NDCG@20"
     """Validation metric for model selection and early stopping: HR@K or NDCG@K, K in ks."""
 
@@ -237,6 +240,11 @@ class KernelsConfig:
     """Implementation of the fused ops (diffusion trajectory, gated fusion): auto (fused on CUDA,
     eager elsewhere), fused (raise if the fused op cannot run) or eager (the reference PyTorch
     path). The environment variable ADAREC_KERNELS, when set, overrides this value."""
+    ce_item_chunk: int = 32768
+    """Items per chunk of the full-softmax cross-entropy (model.rec_loss ce and the peers' CE).
+    A catalog larger than this trains without a rows x items logit matrix: the log-sum-exp is
+    accumulated chunk by chunk and the chunk logits are recomputed in the backward; a catalog
+    that fits one chunk uses the plain matmul + cross-entropy (docs/catalogs.md)."""
 
 
 @dataclass
@@ -552,6 +560,8 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
     choice("eval.protocol", ("full", "compat", "unmasked"))
     choice("kernels.backend", ("auto", "fused", "eager"))
     need(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    need(e.item_chunk >= 1, "eval.item_chunk", "must be >= 1")
+    need(cfg.kernels.ce_item_chunk >= 1, "kernels.ce_item_chunk", "must be >= 1")
     match = _METRIC.match(e.select_metric)
     need(match is not None, "eval.select_metric", "must look like HR@K or NDCG@K")
     need(int(match.group(2)) in e.ks, "eval.select_metric",
