@@ -8,6 +8,11 @@ auto   the fused op where it can run and has been verified, else the eager twin.
 fused  the fused op, or a clear error saying why it cannot run here. On CPU the Triton kernels
        run only under TRITON_INTERPRET=1 (tests).
 eager  the reference PyTorch functions in adarec/diffusion.py and adarec/fusion.py.
+
+The linear cross-entropy (adarec/linear_ce.py) has three implementations: eager (full logits),
+chunked (PyTorch, bounded memory) and fused (Triton). auto takes the Triton one on CUDA once a
+GPU run has verified it (LINEAR_CE_GPU_VERIFIED), else the chunked one when the catalog is larger
+than kernels.ce_item_chunk, else the eager one (one chunk would hold every item anyway).
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ import torch
 
 from adarec.diffusion import diffusion_trajectory
 from adarec.fusion import gated_fusion
+from adarec.linear_ce import FUSED_MAX_WIDTH, chunked_linear_cross_entropy, linear_cross_entropy
 
 BACKENDS = ("auto", "fused", "eager")
 ENV_VAR = "ADAREC_KERNELS"
 # No GPU run of the device check has passed the compiled Triton trajectory and the CUDA gated
 # fusion yet (README, "Fused kernels"): `auto` keeps the eager twins on CUDA until one has.
 GPU_PATHS_VERIFIED = False
+# Likewise for the Triton linear cross-entropy (kernels/linear_ce.py), a later addition.
+LINEAR_CE_GPU_VERIFIED = False
 _UNVERIFIED = ("kernels.backend=auto: using the eager {op} on CUDA; the fused GPU kernels are opt-in "
                "(kernels.backend=fused) until a GPU run of the device check has passed them")
 log = logging.getLogger(__name__)
@@ -114,3 +122,36 @@ def fusion_function(backend: str, device: torch.device) -> Callable:
         raise RuntimeError(f"kernels.backend=fused: the native gated fusion cannot run here: {problem}")
     _warn_once(f"kernels.backend=auto: using the eager gated fusion ({problem})")
     return gated_fusion
+
+
+@functools.cache
+def _fused_linear_ce() -> Callable | str:
+    """The Triton linear cross-entropy, or the reason it cannot be imported."""
+    try:
+        from adarec.kernels.linear_ce import fused_linear_cross_entropy
+    except Exception as exc:  # triton missing or broken: report, do not crash an auto run
+        return f"{type(exc).__name__}: {exc}"
+    return fused_linear_cross_entropy
+
+
+def linear_ce_function(backend: str, device: torch.device, num_items: int, item_chunk: int,
+                       width: int = 0) -> Callable:
+    """The linear cross-entropy implementation for a [num_items, width] table on ``device``
+    (module docstring); every one takes (hidden, weight, target, ignore_index, reduction, item_chunk)."""
+    backend = resolve_backend(backend)
+    if backend == "eager":
+        return linear_cross_entropy
+    runnable_here = device.type == "cuda" or _interpreter_on()
+    fused = _fused_linear_ce() if runnable_here else None
+    if backend == "fused":
+        if not runnable_here:
+            raise RuntimeError(f"kernels.backend=fused: the Triton linear cross-entropy needs CUDA tensors (got "
+                               f"{device}); on CPU it runs only under TRITON_INTERPRET=1")
+        if isinstance(fused, str):
+            raise RuntimeError(f"kernels.backend=fused: the Triton linear cross-entropy cannot be loaded ({fused})")
+        return fused
+    if device.type == "cuda" and LINEAR_CE_GPU_VERIFIED and not isinstance(fused, str) and width <= FUSED_MAX_WIDTH:
+        return fused
+    if device.type == "cuda" and not LINEAR_CE_GPU_VERIFIED:
+        _warn_once(_UNVERIFIED.format(op="linear cross-entropy (chunked PyTorch above kernels.ce_item_chunk)"))
+    return chunked_linear_cross_entropy if num_items > item_chunk else linear_cross_entropy

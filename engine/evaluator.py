@@ -1,28 +1,43 @@
 """Full-ranking evaluation of a split, batch by batch on the model's device.
 
-Only one batch of scores exists at a time; per-user metric sums are accumulated on device and
-summed across ranks, so the result is an average over users, not over batches.
+Only one batch of scores exists at a time, and within a batch only item_chunk columns of it: a
+model with the scoring factors (user_query, item_table; adarec/models/scoring.py) is ranked by
+chunked_target_ranks, which holds batch_size x item_chunk scores and a running top-K, never a
+users x items matrix. A model with only `score` is ranked on its full score matrix. Per-user
+metric sums are accumulated on device and summed across ranks, so the result is an average over
+users, not over batches, and no batch waits for the host.
 """
 
 from __future__ import annotations
 
 import torch
 
-from adarec.metrics import mask_scores, metric_sums, target_ranks
+from adarec.config import EvalConfig
+from adarec.metrics import chunked_target_ranks, mask_scores, metric_sums, target_ranks
+
+DEFAULT_ITEM_CHUNK = EvalConfig.item_chunk
 
 
 @torch.no_grad()
 def batch_metric_sums(model, inputs: torch.Tensor, history: torch.Tensor, targets: torch.Tensor, ks,
-                      protocol: str = "full") -> dict[str, torch.Tensor]:
-    """One evaluation batch, on the device and without a host sync: per-metric sums over its users."""
-    scores = model.score(inputs)
-    masked = mask_scores(scores, history, never_rank=model.never_rank, protocol=protocol)
-    return metric_sums(target_ranks(masked, targets, max(ks)), ks)
+                      protocol: str = "full", item_chunk: int = DEFAULT_ITEM_CHUNK,
+                      table: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One evaluation batch, on the device and without a host sync: per-metric sums over its users.
+    table: the model's item_table(), when the caller has it already (it is the same for every batch)."""
+    k_max = max(ks)
+    if hasattr(model, "user_query"):
+        table = model.item_table() if table is None else table
+        ranks = chunked_target_ranks(model.user_query(inputs), table, targets, history, k_max,
+                                     never_rank=model.never_rank, protocol=protocol, item_chunk=item_chunk)
+    else:
+        masked = mask_scores(model.score(inputs), history, never_rank=model.never_rank, protocol=protocol)
+        ranks = target_ranks(masked, targets, k_max)
+    return metric_sums(ranks, ks)
 
 
 @torch.no_grad()
 def evaluate_split(model, split, which: str, ks, protocol: str = "full", batch_size: int = 1024,
-                   rank: int = 0, world_size: int = 1) -> dict[str, float]:
+                   rank: int = 0, world_size: int = 1, item_chunk: int = DEFAULT_ITEM_CHUNK) -> dict[str, float]:
     if which not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {which!r}")
     view = getattr(model, "eval_view", None)
@@ -37,12 +52,15 @@ def evaluate_split(model, split, which: str, ks, protocol: str = "full", batch_s
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    # Built once per split: an average of models concatenates its members' tables, a cosine
+    # model normalises its own; neither depends on the batch.
+    table = model.item_table() if hasattr(model, "user_query") else None
     users = torch.arange(rank, inputs.shape[0], world_size, device=inputs.device)
     sums = metric_sums(torch.empty(0, device=device), ks)
     for start in range(0, users.numel(), batch_size):
         idx = users[start:start + batch_size]
         batch_sums = batch_metric_sums(model, inputs[idx].to(device), history[idx].to(device),
-                                       targets[idx].to(device), ks, protocol)
+                                       targets[idx].to(device), ks, protocol, item_chunk, table)
         sums = {k: sums[k] + v for k, v in batch_sums.items()}
     model.train(was_training)
     names = list(sums)

@@ -98,7 +98,7 @@ class Trainer:
         seed_everything(cfg.train.seed)
         members = {name: net.to(self.device)
                    for name, net in build_members(cfg.model, split.num_items, split.max_len,
-                                                   cfg.kernels.backend).items()}
+                                                   cfg.kernels.backend, cfg.kernels.ce_item_chunk).items()}
         graphs = cfg.train.cuda_graphs
         self.precision = resolve_precision(cfg.train.precision, self.device)
         # bf16 by torch.autocast over fp32 weights (DeepSpeed in fp32), or by DeepSpeed's bf16 engine.
@@ -341,7 +341,7 @@ class Trainer:
         rows = slice(0, inputs.shape[0])
         history = s.valid_history[rows].to(self.device)
         targets = s.valid_target[rows].to(self.device)
-        return batch_metric_sums(model, inputs, history, targets, ev.ks, ev.protocol)
+        return batch_metric_sums(model, inputs, history, targets, ev.ks, ev.protocol, item_chunk=ev.item_chunk)
 
     def _diverged_message(self, epoch: int, step: int) -> str:
         kept = find_resume_point([self.run_dir / CHECKPOINTS / name for name in self.engines]).tag or "none yet"
@@ -353,7 +353,7 @@ class Trainer:
         ev = self.cfg.eval
         with nvtx.phase("evaluation"):
             return evaluate_split(model, self.split, which, ev.ks, ev.protocol, ev.batch_size,
-                                  self.dist.rank, self.dist.world_size)
+                                  self.dist.rank, self.dist.world_size, item_chunk=ev.item_chunk)
 
     def validate_members(self, epoch: int) -> None:
         """Validate every training member, update its early stopping and best weights."""

@@ -26,7 +26,9 @@ Counting rules, so that the CPU count stands for the GPU launches:
   what runs inside the range (the interpreter's copies, on a CPU) is not counted;
 - a sync op is `aten::_local_scalar_dense` (`.item()`, `int(t)`, a size read inside
   `repeat_interleave`, ...), `aten::nonzero` (boolean indexing) or `aten::masked_select`,
-  counted once at its outermost occurrence and only outside the optimizer step.
+  counted once at its outermost occurrence and only outside the optimizer step; the scalar read
+  inside `aten::_assert_async` is not one, since on a GPU that assertion is a kernel that
+  checks on the device without stopping the host.
 
 The step is built as on a GPU (the static level grid of ADARec, `model.level_layout=grid`) but
 on the CPU in fp32. Prints one table (training step and evaluation batch: launches, syncs, the
@@ -46,6 +48,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 SYNC_OPS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select"})
+# Device-side assertions: a CPU reads the scalar, a GPU checks it in a kernel (module docstring).
+DEVICE_ASSERTS = frozenset({"aten::_assert_async"})
 # Ops a GPU runs as one fused call each way (module docstring).
 FUSED_OPS = frozenset({"aten::gru", "aten::lstm", "aten::rnn_tanh", "aten::rnn_relu",
                        "aten::scaled_dot_product_attention", "aten::dropout"})
@@ -141,7 +145,7 @@ def count_events(events) -> OpCount:
         if not event.name.startswith("aten::") or _inside(event, optimizer):
             continue
         ancestors = _ancestors(event)
-        if event.name in SYNC_OPS and not any(a in SYNC_OPS for a in ancestors):
+        if event.name in SYNC_OPS and not any(a in SYNC_OPS or a in DEVICE_ASSERTS for a in ancestors):
             counted.syncs += 1
             top = next((a for a in reversed(ancestors) if a.startswith("aten::")), event.name)
             counted.sync_ops[f"{event.name} (in {top})" if top != event.name else event.name] += 1

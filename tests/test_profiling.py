@@ -135,3 +135,21 @@ def test_reverse_benchmark_times_the_last_row_path_against_the_all_rows_one(tmp_
     assert rows[0]["speedup_vs_first"] == 1.0
     assert rows[1]["speedup_vs_first"] == pytest.approx(rows[0]["median_ms"] / rows[1]["median_ms"])
     assert (tmp_path / "reverse.md").exists() and rows[1]["device"] == "cpu"
+
+
+def test_catalog_benchmark_measures_each_implementation_and_skips_what_would_not_fit(tmp_path):
+    from adarec.profiling import bench_catalog
+
+    rows = bench_catalog.main(["--items", "300", "2000", "--rows", "64", "--users", "16", "--dim", "8",
+                               "--repeats", "1", "--ce-item-chunk", "256", "--eval-item-chunk", "256",
+                               "--device", "cpu", "--out", str(tmp_path)])
+    cases = [(r["phase"], r["impl"], r["items"]) for r in rows]
+    assert cases == [(phase, impl, n) for n in (300, 2000)
+                     for phase, impl in (("ce step", "eager"), ("ce step", "chunked"),
+                                         ("eval pass", "full"), ("eval pass", "chunked"))]
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 and r["peak_mib"] is not None for r in rows)
+    assert (tmp_path / "catalog.md").exists() and (tmp_path / "catalog_memory.png").stat().st_size > 0
+    # An eager case estimated above the memory limit is reported with what it would need.
+    skipped = bench_catalog.run_case({"phase": "ce step", "impl": "eager", "items": 10**6, "rows": 12800},
+                                     memory_limit_gib=8.0)
+    assert skipped["status"].startswith("skipped: needs ~143.1 GiB")

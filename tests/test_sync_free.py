@@ -8,6 +8,8 @@ import pytest
 import torch
 from adarec.profiling import opcount
 
+from adarec import backends
+
 REPO = Path(__file__).resolve().parents[1]
 # model.level_layout=grid is the layout a GPU runs (auto picks compact on the CPU, where a host
 # read is free); _build_trainer sets it too, spelled out here because these tests depend on it.
@@ -32,13 +34,17 @@ def test_counter_flags_each_kind_of_host_sync():
 
 
 def test_counter_passes_sync_free_twins():
-    """The same work without a host read: a static-size repeat, a masked where."""
+    """The same work without a host read: a static-size repeat, a masked where, a device-side
+    assertion (a kernel on a GPU; the CPU's scalar read inside it is not counted), whereas a
+    host-side check of the same condition is a sync."""
     x = torch.randn(64)
     repeats = torch.full((8,), 2)
     for fn in (lambda: torch.repeat_interleave(torch.arange(8), repeats, output_size=16),
                lambda: torch.where(x > 0, x, 0.0).sum(),
-               lambda: torch.repeat_interleave(torch.arange(8), 2)):
+               lambda: torch.repeat_interleave(torch.arange(8), 2),
+               lambda: torch._assert_async((x > -100).all())):
         assert opcount.count_ops(fn).syncs == 0
+    assert opcount.count_ops(lambda: bool((x > -100).all())).syncs == 1
 
 
 def test_counter_counts_leaf_launches_and_skips_views():
@@ -145,7 +151,7 @@ def test_the_sync_test_would_catch_a_boolean_selection_in_the_loss(trainers, mon
     """Put back the old boolean-selection cross-entropy: the step's profile must show its syncs."""
     import adarec.models.sasrec as sasrec
 
-    def selecting_ce(hidden, item_weight, target_pos, target_rows=None):
+    def selecting_ce(hidden, item_weight, target_pos, target_rows=None, item_ce=None):
         valid = target_pos > 0
         logits = hidden[valid] @ item_weight[1:-1].t()
         return torch.nn.functional.cross_entropy(logits.float(), target_pos[valid] - 1)
@@ -154,6 +160,22 @@ def test_the_sync_test_would_catch_a_boolean_selection_in_the_loss(trainers, mon
     counts = opcount.profile_trainer(trainers["sasrec"])
     assert counts["training step"].syncs >= 2
     assert counts["evaluation batch"].syncs == 0
+
+
+@pytest.mark.parametrize("ce", ["chunked", "fused"])
+def test_large_catalog_cross_entropy_step_does_not_sync(tmp_path, ce):
+    """SASRec with full-softmax CE through the chunked PyTorch CE (items in chunks of 1000) and
+    through the Triton kernels (interpreter): neither reads anything on the host."""
+    setting = "kernels.ce_item_chunk=1000" if ce == "chunked" else "kernels.backend=fused"
+    trainer = opcount._build_trainer(str(REPO / "configs/sasrec_beauty.yaml"),
+                                     [*TINY[:3], *TINY[5:], "model.rec_loss=ce", setting], tmp_path)
+    model = trainer.engines["model"].module
+    chosen = backends.linear_ce_function(model.item_ce.backend, torch.device("cpu"), trainer.split.num_items,
+                                         model.item_ce.item_chunk, 16)
+    assert chosen.__name__ == f"{ce}_linear_cross_entropy"
+    counted = opcount.profile_trainer(trainer)["training step"]
+    assert counted.syncs == 0, dict(counted.sync_ops)
+    assert counted.launches > 20
 
 
 # -- the peers (docs/peers.md): their training steps and reverse processes ----------------------

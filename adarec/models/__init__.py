@@ -5,6 +5,7 @@ import importlib
 from .adarec import ADARec
 from .dual import NoisedELCRec, ScoreAverage, build_dual_experts
 from .elcrec import ELCRec
+from .losses import ItemCrossEntropy
 from .sasrec import SASRec
 
 MODELS = {"sasrec": SASRec, "elcrec": ELCRec, "adarec": ADARec}
@@ -26,22 +27,29 @@ def model_class(name: str):
         raise ValueError(f"unknown model {name!r}; available: {', '.join([*MODELS, 'adarec-dual', *PEERS])}") from None
 
 
-def build_model(cfg, num_items: int, max_len: int, kernel_backend: str = "auto"):
+def build_model(cfg, num_items: int, max_len: int, kernel_backend: str = "auto", ce_item_chunk: int = 32768):
     """Instantiate a single-network model.name with its config section; kernel_backend
-    (kernels.backend) picks fused or eager ops in the models that have them."""
+    (kernels.backend) picks fused or eager ops in the models that have them, and with
+    ce_item_chunk (kernels.ce_item_chunk) the implementation of the full-softmax CE."""
     cls = model_class(cfg.name)
     if cls is ADARec:
-        return cls(cfg, num_items, max_len, kernel_backend=kernel_backend)
-    return cls(cfg, num_items, max_len)
+        model = cls(cfg, num_items, max_len, kernel_backend=kernel_backend)
+    else:
+        model = cls(cfg, num_items, max_len)
+    model.item_ce = ItemCrossEntropy(kernel_backend, ce_item_chunk)
+    return model
 
 
-def build_members(cfg, num_items: int, max_len: int, kernel_backend: str = "auto") -> dict:
+def build_members(cfg, num_items: int, max_len: int, kernel_backend: str = "auto", ce_item_chunk: int = 32768) -> dict:
     """The separately optimised networks of a model: {"model": net} for the single-network
     models, the two experts {"e5", "e10"} for adarec-dual (each with its own optimizer and
     early stopping; their scores are averaged at test time)."""
     if cfg.name == "adarec-dual":
-        return build_dual_experts(cfg, num_items, max_len)
-    return {"model": build_model(cfg, num_items, max_len, kernel_backend)}
+        experts = build_dual_experts(cfg, num_items, max_len)
+        for expert in experts.values():
+            expert.item_ce = ItemCrossEntropy(kernel_backend, ce_item_chunk)
+        return experts
+    return {"model": build_model(cfg, num_items, max_len, kernel_backend, ce_item_chunk)}
 
 
 def scorer(members: dict):

@@ -38,6 +38,7 @@ from adarec.parallel import global_mean
 from adarec.profiling import nvtx
 
 from .eval_seed import add_eval_seed, eval_keys, set_eval_seed
+from .losses import ItemCrossEntropy
 from .peer_schedule import PeerSchedule, RespacedSchedule, spaced_timesteps, timestep_embedding
 from .scoring import inner_product_scores
 
@@ -121,8 +122,9 @@ class _PretrainNet(nn.Module):
     """Stage 1: SASRec without position embedding, as the public `pretrain` model:
     E[ids] -> LayerNorm (eps 1e-5) -> Dropout(emb_dropout) -> causal blocks; full CE over rows 0..N."""
 
-    def __init__(self, cfg, num_items: int):
+    def __init__(self, cfg, num_items: int, item_ce: ItemCrossEntropy):
         super().__init__()
+        self.item_ce = item_ce
         self.item_embeddings = nn.Embedding(num_items + 2, cfg.hidden_size, padding_idx=0)
         self.norm = nn.LayerNorm(cfg.hidden_size)
         self.dropout = nn.Dropout(cfg.emb_dropout)
@@ -140,24 +142,24 @@ class _PretrainNet(nn.Module):
         h = self.dropout(self.norm(self.item_embeddings(ids)))
         for block in self.blocks:
             h = block(h, ids > 0)
-        return _ce_rows(h, self.item_embeddings.weight, batch["target_pos"], batch.get("target_rows"))
+        return _ce_rows(self.item_ce, h, self.item_embeddings.weight, batch["target_pos"], batch.get("target_rows"))
 
 
-def _ce_rows(hidden, weight, target_pos, target_rows=None) -> torch.Tensor:
+def _ce_rows(item_ce: ItemCrossEntropy, hidden, weight, target_pos, target_rows=None) -> torch.Tensor:
     """Cross-entropy of hidden . E[0..N]^T at the positions with a target (padding row 0 is in the
     softmax, the mask row N+1 is not), averaged over the global batch's targets."""
     flat, target = hidden.reshape(-1, hidden.shape[-1]), target_pos.reshape(-1)
     if target_rows is not None:
         flat, target = flat.index_select(0, target_rows), target.index_select(0, target_rows)
-    logits = flat.float() @ weight[:-1].float().t()
-    total = F.cross_entropy(logits, target, ignore_index=0, reduction="sum")
-    return global_mean(total, (target > 0).sum())
+    return item_ce.global_mean(flat, weight[:-1], target, ignore_index=0)
 
 
 class ADRec(nn.Module):
     """forward(batch) -> (loss, {"ce", "mse"}); score(input_ids) -> [B, N+2] (module docstring)."""
 
     needs_views = False
+    # The CE implementation; build_model replaces it with one from the kernels config.
+    item_ce = ItemCrossEntropy()
 
     def __init__(self, cfg, num_items: int, max_len: int):
         super().__init__()
@@ -196,7 +198,7 @@ class ADRec(nn.Module):
         model on the training rows and start from its item embeddings (deterministic under seed)."""
         set_eval_seed(self, seed)
         if self.cfg.pretrain_epochs > 0:
-            pretrained = pretrain_embeddings(self.cfg, split, device, seed)
+            pretrained = pretrain_embeddings(self.cfg, split, device, seed, self.item_ce)
             with torch.no_grad():
                 self.item_embeddings.weight.copy_(pretrained)
 
@@ -246,7 +248,7 @@ class ADRec(nn.Module):
             for block in self.denoiser:
                 h = block(h, valid)
         with nvtx.phase("losses"):
-            ce = _ce_rows(h, weight, target, batch.get("target_rows"))
+            ce = _ce_rows(self.item_ce, h, weight, target, batch.get("target_rows"))
             # Per row: the mean over its targets of the squared error summed over D / D; then the
             # mean over rows (the public code weights every row alike, not every token).
             mask = is_target.float()
@@ -315,7 +317,7 @@ class ADRec(nn.Module):
         return inner_product_scores(self._reverse(input_ids, reuse_history=False), self.item_table())
 
 
-def pretrain_embeddings(cfg, split, device, seed: int) -> torch.Tensor:
+def pretrain_embeddings(cfg, split, device, seed: int, item_ce: ItemCrossEntropy) -> torch.Tensor:
     """Stage 1: train _PretrainNet for cfg.pretrain_epochs epochs (Adam lr 1e-3, weight decay 1e-5,
     batch 512) and return its item embeddings. Its own RNG stream: the caller's is left as it was."""
     from adarec.data import TrainBatchSampler
@@ -325,7 +327,7 @@ def pretrain_embeddings(cfg, split, device, seed: int) -> torch.Tensor:
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        net = _PretrainNet(cfg, split.num_items).to(device).train()
+        net = _PretrainNet(cfg, split.num_items, item_ce).to(device).train()
         optimizer = torch.optim.Adam(net.parameters(), lr=PRETRAIN_LR, weight_decay=PRETRAIN_WEIGHT_DECAY)
         sampler = TrainBatchSampler(split, PRETRAIN_BATCH, seed + 1, device=device)
         for epoch in range(cfg.pretrain_epochs):

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from adarec.keyed_random import GeneratorDraws, KeyedDraws, Streams
-from adarec.parallel import global_mean
 from adarec.profiling import nvtx
 
 from .eval_seed import add_eval_seed, eval_keys, set_eval_seed
+from .losses import ItemCrossEntropy
 from .peer_schedule import PeerSchedule, RespacedSchedule, spaced_timesteps, timestep_embedding
 from .scoring import inner_product_scores
 
@@ -111,6 +111,8 @@ class DiffuRec(nn.Module):
     """forward(batch) -> (loss, {"rec"}); score(input_ids) -> [B, N+2] (module docstring)."""
 
     needs_views = False
+    # The CE implementation; build_model replaces it with one from the kernels config.
+    item_ce = ItemCrossEntropy()
     training_rows = "prefixes"
 
     def __init__(self, cfg, num_items: int, max_len: int):
@@ -160,8 +162,8 @@ class DiffuRec(nn.Module):
             x0_hat = self.approximator(history, query_pad, x_t, t, lam_noise)
         with nvtx.phase("losses"):
             # Rows 0..N: the padding item is a candidate, as in the public code; N+1 is not.
-            logits = (x0_hat @ self.item_embeddings.weight[: self.num_items + 1].t()).float()
-            loss = global_mean(F.cross_entropy(logits, target, reduction="sum"), (target > 0).sum())
+            loss = self.item_ce.global_mean(x0_hat, self.item_embeddings.weight[: self.num_items + 1], target,
+                                            ignore_index=0)
         return loss, {"rec": loss.detach()}
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from adarec.backends import linear_ce_function
 from adarec.parallel import gather_rows, global_mean, world_size
 
 
@@ -20,26 +21,45 @@ def bce_next_item_loss(hidden, item_embeddings, target_pos, target_neg) -> torch
     return global_mean(per_position.sum(), is_target.sum())
 
 
-def ce_next_item_loss(hidden, item_weight, target_pos, target_rows: torch.Tensor | None = None) -> torch.Tensor:
+class ItemCrossEntropy:
+    """Full-softmax cross-entropy of hidden rows against an item table, in the implementation
+    kernels.backend and kernels.ce_item_chunk pick for the table's size and device
+    (adarec/backends.py: eager logits, chunked PyTorch or the Triton kernels)."""
+
+    def __init__(self, backend: str = "auto", item_chunk: int = 32768):
+        self.backend, self.item_chunk = backend, item_chunk
+
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                 reduction: str = "mean") -> torch.Tensor:
+        impl = linear_ce_function(self.backend, hidden.device, weight.shape[0], self.item_chunk, weight.shape[1])
+        return impl(hidden, weight, target, ignore_index=ignore_index, reduction=reduction,
+                    item_chunk=self.item_chunk)
+
+    def global_mean(self, hidden, weight, target, ignore_index: int) -> torch.Tensor:
+        """The mean over the global batch's kept rows, whose count differs between ranks
+        (adarec/parallel.py); the local mean with one process."""
+        if world_size() == 1:
+            return self(hidden, weight, target, ignore_index)
+        return global_mean(self(hidden, weight, target, ignore_index, "sum"), (target != ignore_index).sum())
+
+
+def ce_next_item_loss(hidden, item_weight, target_pos, target_rows: torch.Tensor | None = None,
+                      item_ce: ItemCrossEntropy | None = None) -> torch.Tensor:
     """Full-softmax cross-entropy over items 1..N, averaged over the positions with a target.
 
     target_rows (flat indices into B * L, from the sampler) says which positions to score: every
     target and some padding, which ignore_index drops. Without it every position is scored.
     Either way nothing reads a count on the host (a boolean selection would), and most of a Beauty
-    batch is padding, so target_rows is what keeps the logits small.
+    batch is padding, so target_rows is what keeps the logits small. A batch without any target
+    would give 0 / 0; the sampler never makes one (every training row has a target), and a guard
+    would cost launches in every step.
     """
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_target = target_pos.reshape(-1)
     if target_rows is not None:
         flat_hidden, flat_target = flat_hidden.index_select(0, target_rows), flat_target.index_select(0, target_rows)
-    logits = (flat_hidden @ item_weight[1:-1].t()).float()
-    if world_size() > 1:
-        # The mean over the global batch's targets, whose count differs between ranks.
-        total = F.cross_entropy(logits, flat_target - 1, ignore_index=-1, reduction="sum")
-        return global_mean(total, (flat_target > 0).sum())
-    # The mean over the targets. A batch without any would give 0 / 0; the sampler never makes
-    # one (every training row has a target), and a guard would cost launches in every step.
-    return F.cross_entropy(logits, flat_target - 1, ignore_index=-1)
+    # Rows 1..N of the table are the items: item i is class i - 1, padding (0) becomes -1, ignored.
+    return (item_ce or ItemCrossEntropy()).global_mean(flat_hidden, item_weight[1:-1], flat_target - 1, -1)
 
 
 # Unbounded: one entry per shape, and a captured CUDA graph may hold pointers into them.

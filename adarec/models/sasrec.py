@@ -8,7 +8,7 @@ from torch import nn
 from adarec.profiling import nvtx
 
 from .encoder import SequenceEncoder
-from .losses import bce_next_item_loss, ce_next_item_loss
+from .losses import ItemCrossEntropy, bce_next_item_loss, ce_next_item_loss
 from .scoring import inner_product_scores
 
 
@@ -16,6 +16,8 @@ class SASRec(nn.Module):
     """Next-item recommender; forward(batch) -> (loss, detached loss terms)."""
 
     needs_views = False
+    # The CE implementation; build_model replaces it with one from the kernels config.
+    item_ce = ItemCrossEntropy()
 
     def __init__(self, cfg, num_items: int, max_len: int):
         super().__init__()
@@ -36,7 +38,7 @@ class SASRec(nn.Module):
     def rec_loss(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
         if self.rec_loss_kind == "ce":
             return ce_next_item_loss(hidden, self.encoder.item_embeddings.weight, batch["target_pos"],
-                                     batch.get("target_rows"))
+                                     batch.get("target_rows"), self.item_ce)
         return bce_next_item_loss(hidden, self.encoder.item_embeddings, batch["target_pos"], batch["target_neg"])
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
