@@ -59,6 +59,9 @@ def test_shipped_config_loads(path):
         assert "data/Yelp.txt" in path.read_text()
     elif cfg.data.augmented_prefix:      # written by `adarec augment`; the config says how
         assert cfg.data.path.startswith("runs/diffuasr_") and "adarec augment" in path.read_text()
+    elif "synthetic" in cfg.data.path:   # generated; the config gives the command that writes it
+        assert f"python -m adarec.data.synthetic --items 1000000 --users 200000 --output {cfg.data.path}" \
+            in path.read_text()
     else:
         assert resolve_data_path(cfg).is_file()
     assert path.read_text().startswith("#"), "every shipped config starts with a comment header"
