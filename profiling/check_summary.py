@@ -30,7 +30,7 @@ from pathlib import Path
 OUTPUT = "output.txt"
 BENCH_KEYS = ("backend", "step_ms_median", "epoch_train_s", "valid_pass_s")
 TRACE_KEYS = ("kernels_per_step", "syncs_per_step", "gpu_busy_ms_per_step")
-LABEL_KEYS = ("backend", "op", "case", "dtype")
+LABEL_KEYS = ("backend", "op", "case", "phase", "impl", "items", "dtype")
 MAX_ROW_LINES = 6
 MAX_FAILED = 5
 MAX_LINE = 300

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU device check: everything in the project that needs a GPU, in one call, in priority
 # order (build the CUDA extension, the Triton and native-op tests, the other GPU tests, the
-# kernel benchmarks, the training-step harness, a bf16 DeepSpeed run, bf16 under ZeRO-1 and ZeRO-2, the peers'
-# reverse processes in bf16, a short
-# convergence run).
+# CE and ranking at 12k to 1M items and a 1M-item training run, the kernel benchmarks, the
+# training-step harness, a bf16 DeepSpeed run, bf16 under ZeRO-1 and ZeRO-2, the peers' reverse
+# processes in bf16, a short convergence run).
 # It replaces profiling/gpu_suite.sh.
 #
 #   bash profiling/gpu_check.sh OUT [--dry-run]          (or ADAREC_CHECK_DRY_RUN=1)
@@ -42,18 +42,20 @@ set -u
 # thrown away afterwards; every later step imports adarec.* through that editable install.
 STEPS='
 environment          10  env_report
-install             135  PIP_BREAK_SYSTEM_PACKAGES=1 $PY -m pip install --no-build-isolation --no-deps -e . || { echo "the native build failed: installing without it so that the Python steps still run"; ADAREC_NO_EXT=1 PIP_BREAK_SYSTEM_PACKAGES=1 $PY -m pip install --no-build-isolation --no-deps -e .; exit 1; }
-kernels              50  $PY -m pytest -q -m gpu tests/test_trajectory_kernel.py
+install             125  PIP_BREAK_SYSTEM_PACKAGES=1 $PY -m pip install --no-build-isolation --no-deps -e . || { echo "the native build failed: installing without it so that the Python steps still run"; ADAREC_NO_EXT=1 PIP_BREAK_SYSTEM_PACKAGES=1 $PY -m pip install --no-build-isolation --no-deps -e .; exit 1; }
+kernels              45  $PY -m pytest -q -m gpu tests/test_trajectory_kernel.py
 fusion_op            25  $PY -m pytest -q -m gpu tests/test_gated_fusion_op.py
 gpu_tests            30  $PY -m pytest -q -m gpu tests --ignore=tests/test_trajectory_kernel.py --ignore=tests/test_gated_fusion_op.py
-bench_trajectory     20  $PY -m adarec.profiling.bench_trajectory --out "$STEP_DIR"
-bench_fusion         15  $PY -m adarec.profiling.bench_fusion --out "$STEP_DIR"
-bench_adarec         60  $PY -m adarec.profiling.bench --config configs/adarec_beauty.yaml --backends eager fused autocast graphs --steps 10 --repeats 3 --trace-summary --out "$STEP_DIR" --set model.kmeans_init=false
-bench_adarec_dual    30  $PY -m adarec.profiling.bench --config configs/adarec-dual_beauty.yaml --backends eager fused autocast graphs --steps 10 --repeats 3 --trace-summary --out "$STEP_DIR" --set model.kmeans_init=false
-deepspeed_bf16       30  $PY -m adarec train --config configs/adarec_beauty.yaml --output-dir "$STEP_DIR/run" --set train.epochs=1 train.precision=bf16 train.bf16_mode=deepspeed kernels.backend=fused
-zero_bf16            20  for stage in 1 2; do $PY -m adarec train --config configs/adarec_beauty.yaml --output-dir "$STEP_DIR/zero$stage" --set train.epochs=1 data.max_users=3000 train.precision=bf16 train.zero_stage=$stage kernels.backend=fused || exit; done
+bench_catalog        25  $PY -m adarec.profiling.bench_catalog --device cuda --dtype bf16 --rows 12800 --users 1024 --items 12101 100000 1000000 --repeats 5 --out "$STEP_DIR"
+catalog_1m           35  $PY -m adarec.data.synthetic --items 1000000 --users 20000 --mean-length 40 --output "$STEP_DIR/synthetic_1m.txt" && $PY -m adarec train --config configs/sasrec_synthetic1m.yaml --output-dir "$STEP_DIR/run" --set data.path="$STEP_DIR/synthetic_1m.txt" train.epochs=1 train.precision=bf16 kernels.backend=fused
+bench_trajectory     15  $PY -m adarec.profiling.bench_trajectory --out "$STEP_DIR"
+bench_fusion         10  $PY -m adarec.profiling.bench_fusion --out "$STEP_DIR"
+bench_adarec         45  $PY -m adarec.profiling.bench --config configs/adarec_beauty.yaml --backends eager fused autocast graphs --steps 10 --repeats 3 --trace-summary --out "$STEP_DIR" --set model.kmeans_init=false
+bench_adarec_dual    25  $PY -m adarec.profiling.bench --config configs/adarec-dual_beauty.yaml --backends eager fused autocast graphs --steps 10 --repeats 3 --trace-summary --out "$STEP_DIR" --set model.kmeans_init=false
+deepspeed_bf16       25  $PY -m adarec train --config configs/adarec_beauty.yaml --output-dir "$STEP_DIR/run" --set train.epochs=1 train.precision=bf16 train.bf16_mode=deepspeed kernels.backend=fused
+zero_bf16            15  for stage in 1 2; do $PY -m adarec train --config configs/adarec_beauty.yaml --output-dir "$STEP_DIR/zero$stage" --set train.epochs=1 data.max_users=3000 train.precision=bf16 train.zero_stage=$stage kernels.backend=fused || exit; done
 bench_peers          15  $PY -m adarec.profiling.bench_reverse --batch 1024 --dtype bf16 --repeats 3 --out "$STEP_DIR"
-convergence          20  $PY -m adarec train --config configs/adarec_beauty_sparse5.yaml --output-dir "$STEP_DIR/run" --set train.epochs=2 kernels.backend=fused
+convergence          15  $PY -m adarec train --config configs/adarec_beauty_sparse5.yaml --output-dir "$STEP_DIR/run" --set train.epochs=2 kernels.backend=fused
 '
 
 usage() {

@@ -93,7 +93,8 @@ def test_step_table_has_the_known_steps_and_fits_the_time_limit():
     names = [name for name, _, _ in steps]
     assert names[:2] == ["environment", "install"]
     for name in ("kernels", "fusion_op", "gpu_tests", "bench_trajectory", "bench_fusion", "bench_adarec",
-                 "bench_adarec_dual", "deepspeed_bf16", "zero_bf16", "bench_peers", "convergence"):
+                 "bench_adarec_dual", "deepspeed_bf16", "zero_bf16", "bench_peers", "convergence", "bench_catalog",
+                 "catalog_1m"):
         assert name in names
     assert len(set(names)) == len(names)
     # 8 minutes for the whole check: the timeouts together stay under it with room for the
