@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from adarec.config import RunConfig, resolve_data_path
 from adarec.data import read_sequences
 from adarec.data.io import UserSequences
-from adarec.data.split import _right_aligned
+from adarec.data.split import right_aligned
 from adarec.errors import AdarecError
 
 __all__ = ["guide_rows", "round_to_items", "write_augmented"]
@@ -40,7 +40,7 @@ def guide_rows(seqs: UserSequences, prefix_items: int, width: int) -> np.ndarray
     items = np.asarray(seqs.items, dtype=np.int64)
     start = np.asarray(seqs.offsets[:-1], dtype=np.int64)
     count = np.minimum(seqs.lengths() - 2, width - prefix_items)
-    return _right_aligned(items, start + count, count, width)
+    return right_aligned(items, start + count, count, width)
 
 
 def round_to_items(vectors: torch.Tensor, table: torch.Tensor, item_chunk: int = 4096,

@@ -1,4 +1,5 @@
-"""Command line: `adarec train`, `adarec evaluate` and `adarec augment` (DiffuASR's augmented data file).
+"""Command line: `adarec train`, `adarec evaluate`, `adarec augment` (DiffuASR's augmented data file),
+`adarec export` and `adarec recommend` (serving a run through a faiss index, docs/serving.md).
 
 Every AdarecError (bad data, bad config, nothing to resume...) ends with one message on stderr
 and exit status 2; anything else is a bug and keeps its traceback.
@@ -86,6 +87,31 @@ def augment_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_command(args: argparse.Namespace) -> int:
+    from .serving import export_run
+
+    print(json.dumps(export_run(Path(args.run), args.index, args.nlist, args.nprobe, args.device)))
+    return 0
+
+
+def recommend_command(args: argparse.Namespace) -> int:
+    """One line per user, `USER item:score item:score ...` best first, or one JSON list."""
+    from .serving import Recommender
+    from .serving.recommender import check_k
+
+    check_k(args.k)     # before the model is loaded
+    recommender = Recommender.from_run(Path(args.run), args.device)
+    results = recommender.recommend(args.users, args.k)
+    if args.json:
+        print(json.dumps([{"user": user, "items": r.items.tolist(), "scores": [round(float(s), 6) for s in r.scores]}
+                          for user, r in zip(args.users, results, strict=True)]))
+    else:
+        for user, r in zip(args.users, results, strict=True):
+            pairs = (f"{item}:{score:.6g}" for item, score in zip(r.items, r.scores, strict=True))
+            print(" ".join([str(user), *pairs]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adarec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                      help="settings over the run's config, e.g. --set model.guidance_weight=0.2")
     aug.set_defaults(func=augment_command)
+    exp = sub.add_parser("export", help="write a run's item table and faiss index beside it (items.npy, "
+                                        "items.faiss, export.json) for `adarec recommend`")
+    exp.add_argument("--run", required=True, help="run directory written by adarec train")
+    exp.add_argument("--index", choices=("flat", "ivf"), default="flat",
+                     help="flat: exact inner-product search; ivf: clustered, faster on large catalogs, "
+                          "approximate unless --nprobe equals --nlist")
+    exp.add_argument("--nlist", type=int, help="ivf lists (default about 4 * sqrt(number of items))")
+    exp.add_argument("--nprobe", type=int, help="ivf lists scanned per query (default nlist / 8)")
+    exp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    exp.set_defaults(func=export_command)
+    rec = sub.add_parser("recommend", help="top-k items for users of a run's data file, none from their history "
+                                           "(needs adarec export)")
+    rec.add_argument("--run", required=True, help="run directory with an export")
+    rec.add_argument("--user", dest="users", type=int, action="append", required=True, metavar="USER_ID",
+                     help="user id as in the data file; repeat for several users")
+    rec.add_argument("--k", type=int, default=20, help="items per user (default 20)")
+    rec.add_argument("--json", action="store_true", help="print one JSON list of {user, items, scores}")
+    rec.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    rec.set_defaults(func=recommend_command)
     return parser
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 
-def _atomic(path: Path, write) -> None:
-    """Write through a temp file in the same folder, fsync, then rename over the target."""
+def atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder, fsync, then rename over the target;
+    write(f) fills the binary file object f."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -29,7 +30,7 @@ def _atomic(path: Path, write) -> None:
 
 
 def atomic_write_text(path, text: str) -> None:
-    _atomic(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_write_json(path, obj) -> None:
@@ -37,7 +38,7 @@ def atomic_write_json(path, obj) -> None:
 
 
 def atomic_torch_save(path, obj) -> None:
-    _atomic(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def os_error_text(err: OSError) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from adarec.data.io import MIN_ITEMS, UserSequences
-from adarec.data.split import SplitData, _right_aligned
+from adarec.data.split import SplitData, right_aligned
 
 __all__ = ["expand_prefixes"]
 
@@ -38,7 +38,7 @@ def expand_prefixes(seqs: UserSequences, split: SplitData, augmented_prefix: int
     j = first + np.arange(len(user), dtype=np.int64) - block_start
     width = split.max_len
     start = offsets[user]
-    inputs = _right_aligned(items, start + j, np.minimum(j, width), width)
+    inputs = right_aligned(items, start + j, np.minimum(j, width), width)
     targets = np.zeros_like(inputs)
     targets[:, -1] = items[start + j]
     return dataclasses.replace(split, train_input=torch.from_numpy(inputs).to(split.train_input.device),

@@ -55,7 +55,7 @@ class SplitData:
         return int(self.valid_input.shape[0])
 
 
-def _right_aligned(items: np.ndarray, end: np.ndarray, count: np.ndarray, width: int) -> np.ndarray:
+def right_aligned(items: np.ndarray, end: np.ndarray, count: np.ndarray, width: int) -> np.ndarray:
     """Row u holds items[end[u]-count[u] : end[u]] in its last count[u] columns, 0 elsewhere.
 
     ``items`` must be non-empty; out-of-row sources are clipped and then masked to 0.
@@ -123,7 +123,7 @@ def build_split(seqs: UserSequences, max_len: int = 50, shorten_seq_to: int | No
     def padded(cut: int, length_cap: int, cols: int, shift: int = 0, skip: int = 0) -> np.ndarray:
         # Prefix s[:-cut] (optionally shifted right by `shift` for targets), last length_cap items,
         # never its first `skip` items.
-        return _right_aligned(items, end - cut + shift, np.minimum(n - cut - skip, length_cap), cols)
+        return right_aligned(items, end - cut + shift, np.minimum(n - cut - skip, length_cap), cols)
 
     a = int(augmented_prefix)
     train_rows = np.flatnonzero(n > MIN_ITEMS)

@@ -1,0 +1,53 @@
+"""Histories -> the model's input rows and the items a recommendation must not repeat.
+
+A served user's history is their whole sequence in the run's data file (train, valid and test
+items alike). The query reads its last `keep` items, right-aligned and left-padded with 0 in a
+row of `width` columns: exactly how the split lays out its test inputs (adarec/data/split.py),
+whose gather is reused here rather than written twice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from adarec.config import DataConfig
+from adarec.data.split import right_aligned
+from adarec.errors import AdarecError
+
+
+def input_shape(data: DataConfig) -> tuple[int, int]:
+    """(keep, width): items a query reads and columns of the model's inputs. Under the sparse
+    setting data.shorten_seq_to = k the split keeps k items in rows of k + 3 columns (the width
+    the model's position table was built for); otherwise both are data.max_len."""
+    if data.shorten_seq_to is not None:
+        return int(data.shorten_seq_to), int(data.shorten_seq_to) + 3
+    return int(data.max_len), int(data.max_len)
+
+
+def padded_inputs(items: np.ndarray, ends: np.ndarray, lengths: np.ndarray, keep: int, width: int) -> torch.Tensor:
+    """int64 [B, width]: row b holds the last min(lengths[b], keep) items of items[:ends[b]]
+    (the sequence ending at ends[b]) in its last columns, 0 before them."""
+    ends = np.asarray(ends, dtype=np.int64)
+    count = np.minimum(np.asarray(lengths, dtype=np.int64), keep)
+    return torch.from_numpy(np.ascontiguousarray(right_aligned(items, ends, count, width)))
+
+
+def as_histories(histories, num_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lists of item ids (oldest first) -> CSR (items, ends, lengths); an AdarecError names an
+    empty history or an id outside the catalog."""
+    arrays = []
+    for i, history in enumerate(histories):
+        try:
+            arr = np.asarray(list(history), dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise AdarecError(f"history {i}: item ids must be integers, got {history!r}") from None
+        if arr.ndim != 1 or arr.size == 0:
+            raise AdarecError(f"history {i}: needs at least one item id")
+        bad = arr[(arr < 1) | (arr > num_items)]
+        if bad.size:
+            raise AdarecError(f"history {i}: item id {int(bad[0])} is not in the catalog (ids 1..{num_items})")
+        arrays.append(arr)
+    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+    items = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    return items, np.cumsum(lengths), lengths
