@@ -45,6 +45,7 @@ PACKAGES = {
     "adarec": "adarec",
     "adarec.data": "adarec/data",
     "adarec.models": "adarec/models",
+    "adarec.serving": "adarec/serving",
     "adarec.kernels": "kernels",
     "adarec.engine": "engine",
     "adarec.profiling": "profiling",

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from adarec.config import RunConfig, resolve_data_path
 from adarec.data import read_sequences
 from adarec.data.io import UserSequences
-from adarec.data.split import right_aligned
+from adarec.data.split import input_layout, right_aligned
 from adarec.errors import AdarecError
 
 __all__ = ["guide_rows", "round_to_items", "write_augmented"]
@@ -64,11 +64,6 @@ def round_to_items(vectors: torch.Tensor, table: torch.Tensor, item_chunk: int =
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=vectors.device)
 
 
-def _sequence_width(cfg: RunConfig) -> int:
-    """The padded length the generator was built with (build_split's width)."""
-    return cfg.data.shorten_seq_to + 3 if cfg.data.shorten_seq_to is not None else cfg.data.max_len
-
-
 def load_generator(cfg: RunConfig, run_dir: Path, num_items: int, device: torch.device):
     """The run's best DiffuASR weights in float32 on device, in eval mode."""
     from adarec.models.diffuasr import DiffuASR
@@ -83,7 +78,7 @@ def load_generator(cfg: RunConfig, run_dir: Path, num_items: int, device: torch.
     saved = torch.load(path, map_location="cpu", weights_only=True).get("members", {})
     if set(saved) != {"model"}:
         raise AdarecError(f"{path}: holds members {sorted(saved)}, a diffuasr run saves one ('model')")
-    model = DiffuASR(cfg.model, num_items, _sequence_width(cfg))
+    model = DiffuASR(cfg.model, num_items, input_layout(cfg.data.max_len, cfg.data.shorten_seq_to)[1])
     try:
         model.load_state_dict(saved["model"]["model"])
     except RuntimeError as err:

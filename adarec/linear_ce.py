@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from adarec.config import KernelsConfig
+
 REDUCTIONS = ("mean", "sum")
 # The Triton kernels hold a whole hidden row in registers (kernels/linear_ce.py).
 FUSED_MAX_WIDTH = 256
@@ -57,7 +59,9 @@ def compose_loss(lse: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, 
     F.cross_entropy does."""
     keep = target != ignore_index
     safe = torch.where(keep, target, torch.zeros_like(target))
-    target_logit = (hidden.float() * weight.index_select(0, safe).float()).sum(-1)
+    # F.embedding rather than index_select: its backward sums repeated targets without atomics
+    # on CUDA, so the weight gradient is reproducible run to run.
+    target_logit = (hidden.float() * F.embedding(safe, weight).float()).sum(-1)
     per_row = torch.where(keep, lse - target_logit, torch.zeros_like(lse))
     total = per_row.sum()
     return total if reduction == "sum" else total / keep.sum()
@@ -79,20 +83,26 @@ class _ChunkedLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lse: torch.Tensor):
         hidden, weight, lse = ctx.saved_tensors
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        # A frozen table (ADRec's warm-up epochs) gets no gradient and costs no product.
+        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         h32 = hidden.float()
         for start in range(0, weight.shape[0], ctx.item_chunk):
             chunk = weight[start:start + ctx.item_chunk]
             # d lse_r / d logit_rj = softmax_rj, recomputed from the saved log-sum-exp.
             probs = (hidden @ chunk.t()).float().sub_(lse[:, None]).exp_().mul_(grad_lse[:, None])
-            grad_hidden.addmm_(probs, chunk.float())
-            torch.mm(probs.t(), h32, out=grad_weight[start:start + ctx.item_chunk])
-        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None
+            if need_hidden:
+                grad_hidden.addmm_(probs, chunk.float())
+            if need_weight:
+                torch.mm(probs.t(), h32, out=grad_weight[start:start + ctx.item_chunk])
+        return (grad_hidden.to(hidden.dtype) if need_hidden else None,
+                grad_weight.to(weight.dtype) if need_weight else None, None)
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                                 ignore_index: int = -100, reduction: str = "mean", item_chunk: int = 32768):
+                                 ignore_index: int = -100, reduction: str = "mean",
+                                 item_chunk: int = KernelsConfig.ce_item_chunk):
     """The loss of `linear_cross_entropy` with at most R x item_chunk logits alive at a time."""
     check_inputs(hidden, weight, target, reduction)
     if item_chunk < 1:

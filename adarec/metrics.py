@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
+from adarec.config import EvalConfig
 from adarec.models.scoring import inner_product_scores
 
 PROTOCOLS = ("full", "compat", "unmasked")
@@ -169,7 +170,7 @@ def chunked_target_ranks(
     *,
     never_rank: Sequence[int] = (0,),
     protocol: str = "full",
-    item_chunk: int = 65536,
+    item_chunk: int = EvalConfig.item_chunk,
 ) -> torch.Tensor:
     """target_ranks(mask_scores(query @ table.T, ...)) without the [B, N+2] score matrix.
 

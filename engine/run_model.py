@@ -27,10 +27,9 @@ from .trainer import BEST_WEIGHTS
 
 @dataclass
 class LoadedModel:
-    """The scorer (one network or the experts' average), its members and the best epoch."""
+    """The scorer (one network or the experts' average) and the best epoch."""
 
     model: torch.nn.Module
-    members: dict
     best_epoch: int
 
 
@@ -39,9 +38,7 @@ class LoadedRun:
     cfg: RunConfig
     split: object
     model: torch.nn.Module
-    members: dict
     best_epoch: int
-    weights_path: Path
 
 
 def run_files(run_dir: Path, action: str = "load") -> tuple[Path, Path]:
@@ -87,7 +84,7 @@ def load_model(cfg: RunConfig, weights_path: Path, num_items: int, max_len: int,
                               f"build ({first})") from None
         net.eval()
     best_epoch = max(entry["epoch"] for entry in saved.values())
-    return LoadedModel(scorer(members), members, best_epoch)
+    return LoadedModel(scorer(members), best_epoch)
 
 
 def load_run(run_dir: Path, device: str | torch.device = "auto", overrides=(), action: str = "load") -> LoadedRun:
@@ -96,4 +93,4 @@ def load_run(run_dir: Path, device: str | torch.device = "auto", overrides=(), a
     dev = device if isinstance(device, torch.device) else pick_device(device)
     split = load_split(cfg, dev)
     loaded = load_model(cfg, weights_path, split.num_items, split.max_len, dev)
-    return LoadedRun(cfg, split, loaded.model, loaded.members, loaded.best_epoch, weights_path)
+    return LoadedRun(cfg, split, loaded.model, loaded.best_epoch)

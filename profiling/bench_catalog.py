@@ -33,6 +33,7 @@ import torch
 from adarec.profiling.timing import environment, summarize, time_callable, write_tables
 
 from adarec.backends import linear_ce_function
+from adarec.config import EvalConfig, KernelsConfig
 from adarec.linear_ce import chunked_linear_cross_entropy, linear_cross_entropy
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -68,8 +69,6 @@ def _ce_step(impl: str, hidden, weight, target, item_chunk: int):
 class _Scorer:
     """A model reduced to its scoring factors (adarec/models/scoring.py); with factors=False it
     offers only score(), so the evaluator takes its full-matrix path."""
-
-    never_rank = (0,)
 
     def __init__(self, query: torch.Tensor, table: torch.Tensor, factors: bool):
         self.query, self.table = query, table
@@ -208,8 +207,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rows", type=int, default=2048, help="hidden rows per CE step (256 x 50 = 12800 on a GPU)")
     parser.add_argument("--users", type=int, default=256, help="users per evaluation batch")
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--ce-item-chunk", type=int, default=32768)
-    parser.add_argument("--eval-item-chunk", type=int, default=65536)
+    parser.add_argument("--ce-item-chunk", type=int, default=KernelsConfig.ce_item_chunk)
+    parser.add_argument("--eval-item-chunk", type=int, default=EvalConfig.item_chunk)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="CE inputs (bf16 on a GPU)")
     parser.add_argument("--repeats", type=int, default=3)

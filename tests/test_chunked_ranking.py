@@ -98,10 +98,10 @@ def test_a_target_in_the_history_is_a_miss_under_full_and_scored_zero_under_comp
     target, history = torch.tensor([2]), torch.tensor([[2, 0]])
     for chunk in (1, 2, 5):
         def rank(protocol, chunk=chunk):
-            return int(chunked_target_ranks(query, table, target, history, 3, never_rank=(0, 4),
+            return int(chunked_target_ranks(query, table, target, history, 5, never_rank=(0, 4),
                                             protocol=protocol, item_chunk=chunk))
-        assert rank("full") == 3                  # excluded target: a miss (rank capped at k_max)
-        assert rank("compat") == 4 - 1            # scored 0: item 1, pad, mask beat or tie it; capped
+        assert rank("full") == 5                  # excluded target: a miss (rank capped at k_max)
+        assert rank("compat") == 3                # scored 0: item 1 (3), pad (0) and mask (0) beat or tie it
         assert rank("unmasked") == 1              # keeps its score 2: only item 1 (3) is above
 
 

@@ -150,12 +150,49 @@ def test_backend_choice(monkeypatch):
     assert backends.linear_ce_function("auto", cpu, 10**6, 100) is linear_cross_entropy
 
 
-def test_fused_rejects_what_it_cannot_compute():
+def test_bad_inputs_are_refused_with_a_reason():
     hidden, weight, target = _inputs(4, 10, 300)
     with pytest.raises(ValueError, match="up to 256"):
         _fused()(hidden, weight, target)
     with pytest.raises(ValueError, match="target must be"):
         chunked_linear_cross_entropy(hidden, weight, target[:2])
+    hidden, weight, target = _inputs(4, 10, 8)
+    with pytest.raises(ValueError, match="float32 or both bfloat16"):
+        _fused()(hidden.half(), weight.half(), target)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_a_frozen_table_gets_no_gradient(impl):
+    """ADRec's warm-up epochs pass a detached table: only the hidden rows get a gradient."""
+    fn = chunked_linear_cross_entropy if impl == "chunked" else _fused()
+    hidden, weight, target = _inputs(20, 70, 12)
+    h = hidden.clone().requires_grad_()
+    fn(h, weight, target, ignore_index=-1, item_chunk=16).backward()
+    _, want_h, _ = _reference(hidden, weight, target)
+    torch.testing.assert_close(h.grad.double(), want_h, atol=2e-5, rtol=2e-5)
+
+
+def test_autocast_runs_every_implementation_in_its_dtype():
+    """Under bf16 autocast over float32 weights (the engine's one-GPU bf16), ItemCrossEntropy hands
+    each implementation bf16 inputs: the chunked and fused losses and gradients match the eager
+    one on those inputs, and the gradients come back in the parameters' float32."""
+    hidden, weight, target = _inputs(40, 150, 16)
+    results = {}
+    for name, item_ce in (("eager", ItemCrossEntropy("eager")), ("chunked", ItemCrossEntropy("auto", item_chunk=32)),
+                          ("fused", ItemCrossEntropy("fused"))):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = item_ce(h, w, target, ignore_index=-1)
+        loss.backward()
+        assert h.grad.dtype == w.grad.dtype == torch.float32
+        results[name] = (loss.detach().float(), h.grad, w.grad)
+    # The reference: float64 cross-entropy of the bf16-rounded inputs.
+    want = _reference(hidden.bfloat16().float(), weight.bfloat16().float(), target)
+    for name, got in results.items():
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a.double(), b, atol=2e-2, rtol=2e-2, msg=name)
+    for a, b in zip(results["chunked"], results["fused"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
 
 
 def test_next_item_loss_is_the_same_whichever_implementation():

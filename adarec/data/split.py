@@ -84,6 +84,21 @@ def _seen_sorted(items: np.ndarray, offsets: np.ndarray, num_items: int) -> tupl
     return out, count
 
 
+def input_layout(max_len: int = 50, shorten_seq_to: int | None = None) -> tuple[int, int]:
+    """(keep, width): the history items an input row holds and the row's columns. Under the
+    sparse setting shorten_seq_to = k rows keep k items in k + 3 columns (the width the model's
+    position table is built for); otherwise both are max_len. Every builder of model inputs
+    (the split, the augmentation file, serving) takes its layout from here."""
+    if shorten_seq_to is not None:
+        if isinstance(shorten_seq_to, bool) or not isinstance(shorten_seq_to, (int, np.integer)) \
+                or shorten_seq_to < 1:
+            raise ValueError(f"shorten_seq_to must be an integer >= 1 or None, got {shorten_seq_to!r}")
+        return int(shorten_seq_to), int(shorten_seq_to) + 3
+    if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 1:
+        raise ValueError(f"max_len must be an integer >= 1, got {max_len!r}")
+    return int(max_len), int(max_len)
+
+
 def build_split(seqs: UserSequences, max_len: int = 50, shorten_seq_to: int | None = None,
                 augmented_prefix: int = 0) -> SplitData:
     """Build the leave-one-out split of ``seqs`` (see module docstring).
@@ -93,16 +108,7 @@ def build_split(seqs: UserSequences, max_len: int = 50, shorten_seq_to: int | No
     file, DiffuASR). They stay in the inputs, but no training target is a generated item and the
     evaluation histories hold only real items.
     """
-    if shorten_seq_to is not None:
-        if isinstance(shorten_seq_to, bool) or not isinstance(shorten_seq_to, (int, np.integer)) \
-                or shorten_seq_to < 1:
-            raise ValueError(f"shorten_seq_to must be an integer >= 1 or None, got {shorten_seq_to!r}")
-        keep = int(shorten_seq_to)
-        width = keep + 3
-    else:
-        if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 1:
-            raise ValueError(f"max_len must be an integer >= 1, got {max_len!r}")
-        keep = width = int(max_len)
+    keep, width = input_layout(max_len, shorten_seq_to)
     items = np.asarray(seqs.items, dtype=np.int64)
     offsets = np.asarray(seqs.offsets, dtype=np.int64)
     n = np.diff(offsets)

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from adarec.data.io import MAX_ID, MIN_ITEMS, UserSequences
+from adarec.engine.atomic_io import atomic_write, atomic_write_text, os_error_text
 from adarec.errors import AdarecError, ConfigError, DataError
 
 __all__ = ["SyntheticSpec", "check_output", "format_lines", "generate", "generate_spec", "write", "write_synthetic"]
@@ -214,11 +215,11 @@ def check_output(path: str | os.PathLike) -> None:
             raise DataError(f"{path}: cannot write: {folder} is not a folder")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _temp_beside(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise DataError(f"{path}: cannot write ({_os_reason(e)})") from None
+        raise DataError(f"{path}: cannot write ({os_error_text(e)})") from None
 
 
 def write(path: str | os.PathLike, seqs: UserSequences, parameters: Mapping | None = None) -> dict:
@@ -232,23 +233,17 @@ def write(path: str | os.PathLike, seqs: UserSequences, parameters: Mapping | No
     check_output(path)
     sidecar = Path(f"{path}.json")
     digest = hashlib.sha256()
+
+    def write_blocks(f) -> None:
+        for first in range(0, len(seqs), _WRITE_BLOCK_USERS):
+            block = format_lines(seqs, first, min(first + _WRITE_BLOCK_USERS, len(seqs)))
+            digest.update(block)
+            f.write(block)
+
     try:
-        fd, tmp = _temp_beside(path)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for first in range(0, len(seqs), _WRITE_BLOCK_USERS):
-                    block = format_lines(seqs, first, min(first + _WRITE_BLOCK_USERS, len(seqs)))
-                    digest.update(block)
-                    f.write(block)
-                f.flush()
-                os.fsync(f.fileno())
-            if sidecar.exists():
-                sidecar.unlink()
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        if sidecar.exists():
+            sidecar.unlink()
+        atomic_write(path, write_blocks)
         lengths = seqs.lengths()
         record = {
             "generator": "adarec.data.synthetic",
@@ -266,44 +261,10 @@ def write(path: str | os.PathLike, seqs: UserSequences, parameters: Mapping | No
             "length_mean": round(float(lengths.mean()), 4),
             "length_max": int(lengths.max()),
         }
-        _atomic_text(sidecar, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(sidecar, json.dumps(record, indent=2, sort_keys=True) + "\n")
     except OSError as e:
-        raise DataError(f"{e.filename or path}: cannot write ({_os_reason(e)})") from None
+        raise DataError(f"{e.filename or path}: cannot write ({os_error_text(e)})") from None
     return record
-
-
-def _os_reason(err: OSError) -> str:
-    """'No space left on device', without the file name Python appends to str(err)."""
-    return err.strerror or str(err)
-
-
-def _temp_beside(path: Path) -> tuple[int, str]:
-    """A temp file in path's folder (so os.replace is a rename) with the mode open() would give:
-    mkstemp makes it owner-only, which the renamed data file would keep."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-    except OSError:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    return fd, tmp
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_synthetic(path: str | os.PathLike, spec: SyntheticSpec) -> dict:

@@ -2,6 +2,8 @@
 
 import importlib
 
+from adarec.config import KernelsConfig
+
 from .adarec import ADARec
 from .dual import NoisedELCRec, ScoreAverage, build_dual_experts
 from .elcrec import ELCRec
@@ -27,7 +29,8 @@ def model_class(name: str):
         raise ValueError(f"unknown model {name!r}; available: {', '.join([*MODELS, 'adarec-dual', *PEERS])}") from None
 
 
-def build_model(cfg, num_items: int, max_len: int, kernel_backend: str = "auto", ce_item_chunk: int = 32768):
+def build_model(cfg, num_items: int, max_len: int, kernel_backend: str = "auto",
+                ce_item_chunk: int = KernelsConfig.ce_item_chunk):
     """Instantiate a single-network model.name with its config section; kernel_backend
     (kernels.backend) picks fused or eager ops in the models that have them, and with
     ce_item_chunk (kernels.ce_item_chunk) the implementation of the full-softmax CE."""
@@ -40,7 +43,8 @@ def build_model(cfg, num_items: int, max_len: int, kernel_backend: str = "auto",
     return model
 
 
-def build_members(cfg, num_items: int, max_len: int, kernel_backend: str = "auto", ce_item_chunk: int = 32768) -> dict:
+def build_members(cfg, num_items: int, max_len: int, kernel_backend: str = "auto",
+                  ce_item_chunk: int = KernelsConfig.ce_item_chunk) -> dict:
     """The separately optimised networks of a model: {"model": net} for the single-network
     models, the two experts {"e5", "e10"} for adarec-dual (each with its own optimizer and
     early stopping; their scores are averaged at test time)."""

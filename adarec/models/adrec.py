@@ -38,7 +38,7 @@ from adarec.parallel import global_mean
 from adarec.profiling import nvtx
 
 from .eval_seed import add_eval_seed, eval_keys, set_eval_seed
-from .losses import ItemCrossEntropy
+from .losses import ItemCrossEntropy, scored_rows
 from .peer_schedule import PeerSchedule, RespacedSchedule, spaced_timesteps, timestep_embedding
 from .scoring import inner_product_scores
 
@@ -148,9 +148,7 @@ class _PretrainNet(nn.Module):
 def _ce_rows(item_ce: ItemCrossEntropy, hidden, weight, target_pos, target_rows=None) -> torch.Tensor:
     """Cross-entropy of hidden . E[0..N]^T at the positions with a target (padding row 0 is in the
     softmax, the mask row N+1 is not), averaged over the global batch's targets."""
-    flat, target = hidden.reshape(-1, hidden.shape[-1]), target_pos.reshape(-1)
-    if target_rows is not None:
-        flat, target = flat.index_select(0, target_rows), target.index_select(0, target_rows)
+    flat, target = scored_rows(hidden, target_pos, target_rows)
     return item_ce.global_mean(flat, weight[:-1], target, ignore_index=0)
 
 

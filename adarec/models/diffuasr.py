@@ -170,10 +170,6 @@ class DiffuASR(nn.Module):
         """Every embedding row, unit-normalised [N+2, D] (float32): the generator ranks by cosine."""
         return torch.nn.functional.normalize(self.item_embeddings.weight.float(), dim=-1)
 
-    def item_cosines(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Cosine of vectors [B, D] with every embedding row [B, N+2], in float32 (also under autocast)."""
-        return inner_product_scores(torch.nn.functional.normalize(vectors.float(), dim=-1), self.item_table())
-
     @torch.no_grad()
     def user_query(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The generated block's last vector (the one right before the guide), unit-normalised [B, D]."""

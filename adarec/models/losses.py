@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from adarec.backends import linear_ce_function
+from adarec.config import KernelsConfig
 from adarec.parallel import gather_rows, global_mean, world_size
 
 
@@ -26,14 +27,23 @@ class ItemCrossEntropy:
     kernels.backend and kernels.ce_item_chunk pick for the table's size and device
     (adarec/backends.py: eager logits, chunked PyTorch or the Triton kernels)."""
 
-    def __init__(self, backend: str = "auto", item_chunk: int = 32768):
+    def __init__(self, backend: str = "auto", item_chunk: int = KernelsConfig.ce_item_chunk):
         self.backend, self.item_chunk = backend, item_chunk
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int,
                  reduction: str = "mean") -> torch.Tensor:
         impl = linear_ce_function(self.backend, hidden.device, weight.shape[0], self.item_chunk, weight.shape[1])
-        return impl(hidden, weight, target, ignore_index=ignore_index, reduction=reduction,
-                    item_chunk=self.item_chunk)
+        device = hidden.device.type
+        if not torch.is_autocast_enabled(device):
+            return impl(hidden, weight, target, ignore_index=ignore_index, reduction=reduction,
+                        item_chunk=self.item_chunk)
+        # Under autocast (bf16 over fp32 weights) the products run in the autocast dtype, as the
+        # logits matmul did; the custom autograd functions get that dtype explicitly, so their
+        # backward recomputes exactly the logits their forward saw.
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return impl(hidden.to(dtype), weight.to(dtype), target, ignore_index=ignore_index, reduction=reduction,
+                        item_chunk=self.item_chunk)
 
     def global_mean(self, hidden, weight, target, ignore_index: int) -> torch.Tensor:
         """The mean over the global batch's kept rows, whose count differs between ranks
@@ -41,6 +51,15 @@ class ItemCrossEntropy:
         if world_size() == 1:
             return self(hidden, weight, target, ignore_index)
         return global_mean(self(hidden, weight, target, ignore_index, "sum"), (target != ignore_index).sum())
+
+
+def scored_rows(hidden: torch.Tensor, target_pos: torch.Tensor, target_rows: torch.Tensor | None = None):
+    """(hidden rows [R, D], their targets [R]) of the positions a CE scores: the flat positions
+    target_rows lists (the sampler's; every target and some padding), or every position."""
+    flat_hidden, flat_target = hidden.reshape(-1, hidden.shape[-1]), target_pos.reshape(-1)
+    if target_rows is None:
+        return flat_hidden, flat_target
+    return flat_hidden.index_select(0, target_rows), flat_target.index_select(0, target_rows)
 
 
 def ce_next_item_loss(hidden, item_weight, target_pos, target_rows: torch.Tensor | None = None,
@@ -54,10 +73,7 @@ def ce_next_item_loss(hidden, item_weight, target_pos, target_rows: torch.Tensor
     would give 0 / 0; the sampler never makes one (every training row has a target), and a guard
     would cost launches in every step.
     """
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_target = target_pos.reshape(-1)
-    if target_rows is not None:
-        flat_hidden, flat_target = flat_hidden.index_select(0, target_rows), flat_target.index_select(0, target_rows)
+    flat_hidden, flat_target = scored_rows(hidden, target_pos, target_rows)
     # Rows 1..N of the table are the items: item i is class i - 1, padding (0) becomes -1, ignored.
     return (item_ce or ItemCrossEntropy()).global_mean(flat_hidden, item_weight[1:-1], flat_target - 1, -1)
 

@@ -108,6 +108,9 @@ def read_export(served: ServedRun) -> tuple[dict, faiss.Index]:
         recorded_weights = record["weights"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise AdarecError(f"{manifest_path}: unreadable export record ({err}); {again}") from None
+    if record.get("format") != FORMAT:
+        raise AdarecError(f"{manifest_path}: export format {record.get('format')!r}, this version reads "
+                          f"{FORMAT}; {again}")
     if not weights_unchanged(recorded_weights, served.weights_path):
         raise AdarecError(f"{run_dir}: the export is stale ({served.weights_path.name} changed since it was "
                           f"exported); {again}")

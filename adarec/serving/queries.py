@@ -3,7 +3,7 @@
 A served user's history is their whole sequence in the run's data file (train, valid and test
 items alike). The query reads its last `keep` items, right-aligned and left-padded with 0 in a
 row of `width` columns: exactly how the split lays out its test inputs (adarec/data/split.py),
-whose gather is reused here rather than written twice.
+whose layout (input_layout) and gather (right_aligned) are reused here rather than written twice.
 """
 
 from __future__ import annotations
@@ -11,18 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from adarec.config import DataConfig
 from adarec.data.split import right_aligned
 from adarec.errors import AdarecError
-
-
-def input_shape(data: DataConfig) -> tuple[int, int]:
-    """(keep, width): items a query reads and columns of the model's inputs. Under the sparse
-    setting data.shorten_seq_to = k the split keeps k items in rows of k + 3 columns (the width
-    the model's position table was built for); otherwise both are data.max_len."""
-    if data.shorten_seq_to is not None:
-        return int(data.shorten_seq_to), int(data.shorten_seq_to) + 3
-    return int(data.max_len), int(data.max_len)
 
 
 def padded_inputs(items: np.ndarray, ends: np.ndarray, lengths: np.ndarray, keep: int, width: int) -> torch.Tensor:

@@ -16,12 +16,11 @@ import torch
 
 from adarec.config import RunConfig, resolve_data_path
 from adarec.data.io import UserSequences, read_sequences
+from adarec.data.split import input_layout
 from adarec.engine.distributed import pick_device
 from adarec.engine.run_model import load_model, read_run_config
 from adarec.errors import AdarecError
 from adarec.models import model_class
-
-from .queries import input_shape
 
 
 @dataclass
@@ -55,7 +54,9 @@ class ServedRun:
 def load_served_run(run_dir: Path, device: str = "auto", action: str = "serve") -> ServedRun:
     """The run in `run_dir` with its model in eval mode on `device` (auto: CUDA when present)."""
     run_dir = Path(run_dir)
-    cfg, weights_path = read_run_config(run_dir, (), action)
+    # The kernels the run trained with may not run here (a fused run served on a CPU); auto picks
+    # what can, and every backend computes the same queries.
+    cfg, weights_path = read_run_config(run_dir, ("kernels.backend=auto",), action)
     if getattr(model_class(cfg.model.name), "eval_view", None) is not None:
         # DiffuASR generates the items before a sequence (an augmented data file), it does not
         # rank the next item.
@@ -67,6 +68,6 @@ def load_served_run(run_dir: Path, device: str = "auto", action: str = "serve") 
         raise AdarecError("device cuda: no CUDA device is available (use auto or cpu)")
     dev = pick_device(device)
     seqs = read_sequences(resolve_data_path(cfg), max_users=cfg.data.max_users)
-    keep, width = input_shape(cfg.data)
+    keep, width = input_layout(cfg.data.max_len, cfg.data.shorten_seq_to)
     loaded = load_model(cfg, weights_path, int(seqs.num_items), width, dev)
     return ServedRun(run_dir, cfg, seqs, loaded.model, dev, weights_path, loaded.best_epoch, keep, width)
