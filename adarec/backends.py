@@ -18,6 +18,7 @@ than kernels.ce_item_chunk, else the eager one (one chunk would hold every item 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 from collections.abc import Callable
@@ -54,13 +55,27 @@ def _interpreter_on() -> bool:
 
 
 @functools.cache
-def _fused_trajectory() -> Callable | str:
-    """The fused trajectory, or the reason it cannot be imported."""
+def _load_triton(module: str, attr: str) -> Callable | str:
+    """A Triton op from its module, or the reason it cannot be imported."""
     try:
-        from adarec.kernels.trajectory import fused_diffusion_trajectory
+        return getattr(importlib.import_module(module), attr)
     except Exception as exc:  # triton missing or broken: report, do not crash an auto run
         return f"{type(exc).__name__}: {exc}"
-    return fused_diffusion_trajectory
+
+
+def _triton_op(backend: str, device: torch.device, what: str, module: str, attr: str) -> Callable | str | None:
+    """The Triton op `what` for tensors on ``device``: the function, the reason it cannot be
+    loaded, or None where it cannot run (a CPU without the interpreter). With backend fused
+    anything but the function is a clear error."""
+    runnable_here = device.type == "cuda" or _interpreter_on()
+    fused = _load_triton(module, attr) if runnable_here else None
+    if backend == "fused":
+        if not runnable_here:
+            raise RuntimeError(f"kernels.backend=fused: the Triton {what} needs CUDA tensors (got {device}); "
+                               "on CPU it runs only under TRITON_INTERPRET=1")
+        if isinstance(fused, str):
+            raise RuntimeError(f"kernels.backend=fused: the Triton {what} cannot be loaded ({fused})")
+    return fused
 
 
 @functools.cache
@@ -73,14 +88,8 @@ def trajectory_function(backend: str, device: torch.device) -> Callable:
     backend = resolve_backend(backend)
     if backend == "eager":
         return diffusion_trajectory
-    runnable_here = device.type == "cuda" or _interpreter_on()
-    fused = _fused_trajectory() if runnable_here else None
+    fused = _triton_op(backend, device, "trajectory", "adarec.kernels.trajectory", "fused_diffusion_trajectory")
     if backend == "fused":
-        if not runnable_here:
-            raise RuntimeError(f"kernels.backend=fused: the Triton trajectory needs CUDA tensors (got {device}); "
-                               "on CPU it runs only under TRITON_INTERPRET=1")
-        if isinstance(fused, str):
-            raise RuntimeError(f"kernels.backend=fused: the Triton trajectory cannot be loaded ({fused})")
         return fused
     if device.type != "cuda":
         return diffusion_trajectory
@@ -124,16 +133,6 @@ def fusion_function(backend: str, device: torch.device) -> Callable:
     return gated_fusion
 
 
-@functools.cache
-def _fused_linear_ce() -> Callable | str:
-    """The Triton linear cross-entropy, or the reason it cannot be imported."""
-    try:
-        from adarec.kernels.linear_ce import fused_linear_cross_entropy
-    except Exception as exc:  # triton missing or broken: report, do not crash an auto run
-        return f"{type(exc).__name__}: {exc}"
-    return fused_linear_cross_entropy
-
-
 def linear_ce_function(backend: str, device: torch.device, num_items: int, item_chunk: int,
                        width: int = 0) -> Callable:
     """The linear cross-entropy implementation for a [num_items, width] table on ``device``
@@ -141,14 +140,9 @@ def linear_ce_function(backend: str, device: torch.device, num_items: int, item_
     backend = resolve_backend(backend)
     if backend == "eager":
         return linear_cross_entropy
-    runnable_here = device.type == "cuda" or _interpreter_on()
-    fused = _fused_linear_ce() if runnable_here else None
+    fused = _triton_op(backend, device, "linear cross-entropy", "adarec.kernels.linear_ce",
+                       "fused_linear_cross_entropy")
     if backend == "fused":
-        if not runnable_here:
-            raise RuntimeError(f"kernels.backend=fused: the Triton linear cross-entropy needs CUDA tensors (got "
-                               f"{device}); on CPU it runs only under TRITON_INTERPRET=1")
-        if isinstance(fused, str):
-            raise RuntimeError(f"kernels.backend=fused: the Triton linear cross-entropy cannot be loaded ({fused})")
         return fused
     if device.type == "cuda" and LINEAR_CE_GPU_VERIFIED and not isinstance(fused, str) and width <= FUSED_MAX_WIDTH:
         return fused

@@ -30,18 +30,18 @@ import triton.language as tl
 from adarec.profiling.opcount import TRITON_LAUNCH
 from torch.profiler import record_function
 
-from adarec.linear_ce import FUSED_MAX_WIDTH, check_inputs, compose_loss
+from adarec.linear_ce import FUSED_MAX_WIDTH, check_inputs, compose_loss, linear_cross_entropy
 
 BLOCK_R, BLOCK_N = 64, 64
 
 
 @triton.jit
 def _logits_tile(a, b_ptrs, b_mask, FP32_EXACT: tl.constexpr):
-    """a [X, BD] @ (the [Y, BD] tile at b_ptrs).T in float32."""
+    """(a [X, BD] @ b.T in float32, b): b is the [Y, BD] tile at b_ptrs, returned for reuse."""
     b = tl.load(b_ptrs, mask=b_mask, other=0.0)
     if FP32_EXACT:
-        return tl.dot(a, tl.trans(b), input_precision="ieee")
-    return tl.dot(a, tl.trans(b))
+        return tl.dot(a, tl.trans(b), input_precision="ieee"), b
+    return tl.dot(a, tl.trans(b)), b
 
 
 @triton.jit
@@ -61,8 +61,8 @@ def _lse_forward_kernel(h_ptr, w_ptr, part_max_ptr, part_sum_ptr, R, N, D, strid
     for start in range(first, last, BLOCK_N):
         items = start + tl.arange(0, BLOCK_N)
         item_ok = items < last
-        z = _logits_tile(h, w_ptr + items[:, None].to(tl.int64) * stride_w + dims[None, :],
-                         item_ok[:, None] & dim_ok[None, :], FP32_EXACT)
+        z, _ = _logits_tile(h, w_ptr + items[:, None].to(tl.int64) * stride_w + dims[None, :],
+                            item_ok[:, None] & dim_ok[None, :], FP32_EXACT)
         z = tl.where(item_ok[None, :], z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
@@ -91,9 +91,8 @@ def _grad_hidden_kernel(h_ptr, w_ptr, lse_ptr, g_ptr, part_ptr, R, N, D, stride_
         item_ok = items < last
         w_ptrs = w_ptr + items[:, None].to(tl.int64) * stride_w + dims[None, :]
         w_mask = item_ok[:, None] & dim_ok[None, :]
-        z = _logits_tile(h, w_ptrs, w_mask, FP32_EXACT)
+        z, w = _logits_tile(h, w_ptrs, w_mask, FP32_EXACT)
         p = tl.where(item_ok[None, :], tl.exp(z - lse[:, None]) * g[:, None], 0.0)
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         if FP32_EXACT:
             acc += tl.dot(p, w, input_precision="ieee")
         else:
@@ -120,11 +119,10 @@ def _grad_weight_kernel(h_ptr, w_ptr, lse_ptr, g_ptr, part_ptr, R, N, D, stride_
         row_ok = rows < last
         h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_h + dims[None, :]
         h_mask = row_ok[:, None] & dim_ok[None, :]
-        z = _logits_tile(w, h_ptrs, h_mask, FP32_EXACT)                 # [BLOCK_N, BLOCK_R]
+        z, h = _logits_tile(w, h_ptrs, h_mask, FP32_EXACT)              # z: [BLOCK_N, BLOCK_R]
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
         p = tl.where(row_ok[None, :], tl.exp(z - lse[None, :]) * g[None, :], 0.0)
-        h = tl.load(h_ptrs, mask=h_mask, other=0.0)
         if FP32_EXACT:
             acc += tl.dot(p, h, input_precision="ieee")
         else:
@@ -133,20 +131,21 @@ def _grad_weight_kernel(h_ptr, w_ptr, lse_ptr, g_ptr, part_ptr, R, N, D, stride_
     tl.store(out, acc, mask=item_ok[:, None] & dim_ok[None, :])
 
 
-def _splits(blocks: int, length: int, block: int, device: torch.device, requested: int | None) -> int:
-    """How many pieces to cut the looped dimension into: enough programs to fill the GPU
-    (about 4 per SM), none smaller than one block; `requested` overrides it (tests)."""
+def _split_plan(blocks: int, length: int, block: int, device: torch.device,
+                requested: int | None) -> tuple[int, int]:
+    """(splits, length per split) for the looped dimension: enough programs to fill the GPU
+    (about 4 per SM), each split a whole number of blocks, so splits never share a block and
+    none is empty; `requested` overrides the count (tests)."""
     if requested is not None:
-        return max(1, min(requested, triton.cdiv(length, block)))
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(4 * sms, max(blocks, 1)), triton.cdiv(length, block), 64))
-
-
-def _per_split(length: int, splits: int, block: int) -> int:
-    """Length of each split, a multiple of the block so splits never share a block."""
-    return triton.cdiv(triton.cdiv(length, splits), block) * block
+        wanted = requested
+    elif device.type != "cuda":
+        wanted = 1
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = min(triton.cdiv(4 * sms, max(blocks, 1)), 64)
+    wanted = max(1, min(wanted, triton.cdiv(length, block)))
+    per_split = triton.cdiv(triton.cdiv(length, wanted), block) * block
+    return triton.cdiv(length, per_split), per_split
 
 
 class _FusedLogSumExp(torch.autograd.Function):
@@ -158,8 +157,7 @@ class _FusedLogSumExp(torch.autograd.Function):
         block_d = max(16, triton.next_power_of_2(width))
         exact = hidden.dtype == torch.float32
         row_blocks = triton.cdiv(rows, BLOCK_R)
-        item_splits = _splits(row_blocks, items, BLOCK_N, hidden.device, splits)
-        per_split = _per_split(items, item_splits, BLOCK_N)
+        item_splits, per_split = _split_plan(row_blocks, items, BLOCK_N, hidden.device, splits)
         part_max = torch.empty((item_splits, rows), dtype=torch.float32, device=hidden.device)
         part_sum = torch.empty_like(part_max)
         with record_function(TRITON_LAUNCH + "linear_ce_fwd"):
@@ -183,21 +181,21 @@ class _FusedLogSumExp(torch.autograd.Function):
         consts = {"BLOCK_R": BLOCK_R, "BLOCK_N": BLOCK_N, "BLOCK_D": block_d, "FP32_EXACT": exact}
         if ctx.needs_input_grad[0]:
             row_blocks = triton.cdiv(rows, BLOCK_R)
-            item_splits = _splits(row_blocks, items, BLOCK_N, hidden.device, splits)
+            item_splits, per_split = _split_plan(row_blocks, items, BLOCK_N, hidden.device, splits)
             part = torch.empty((item_splits, rows, width), dtype=torch.float32, device=hidden.device)
             with record_function(TRITON_LAUNCH + "linear_ce_bwd_hidden"):
                 _grad_hidden_kernel[(row_blocks, item_splits)](
                     hidden, weight, lse, grad_lse, part, rows, items, width, hidden.stride(0), weight.stride(0),
-                    _per_split(items, item_splits, BLOCK_N), **consts)
+                    per_split, **consts)
             grad_hidden = part.sum(dim=0).to(hidden.dtype)
         if ctx.needs_input_grad[1]:
             item_blocks = triton.cdiv(items, BLOCK_N)
-            row_splits = _splits(item_blocks, rows, BLOCK_R, hidden.device, splits)
+            row_splits, per_split = _split_plan(item_blocks, rows, BLOCK_R, hidden.device, splits)
             part = torch.empty((row_splits, items, width), dtype=torch.float32, device=hidden.device)
             with record_function(TRITON_LAUNCH + "linear_ce_bwd_weight"):
                 _grad_weight_kernel[(item_blocks, row_splits)](
                     hidden, weight, lse, grad_lse, part, rows, items, width, hidden.stride(0), weight.stride(0),
-                    _per_split(rows, row_splits, BLOCK_R), **consts)
+                    per_split, **consts)
             grad_weight = part.sum(dim=0).to(weight.dtype)
         return grad_hidden, grad_weight, None
 
@@ -218,6 +216,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         # at R ~ 10^4 rows and 10^6 items it falls below float16's smallest subnormal.
         raise ValueError(f"hidden and weight must both be float32 or both bfloat16, got {hidden.dtype} and "
                          f"{weight.dtype}")
+    if hidden.shape[0] == 0:                       # no rows, no grid to launch: nothing to compute
+        return linear_cross_entropy(hidden, weight, target, ignore_index, reduction)
     if hidden.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # The interpreter's tl.dot mishandles bf16; products of bf16 values are exact in float32,
         # so the kernels run on float32 copies (autograd casts the gradients back).

@@ -94,6 +94,17 @@ def test_all_ignored_batch_behaves_like_cross_entropy(impl):
 
 
 @pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_no_rows_at_all(impl):
+    fn = chunked_linear_cross_entropy if impl == "chunked" else _fused()
+    hidden, weight, _ = _inputs(3, 40, 8)
+    empty, target = hidden[:0].clone().requires_grad_(), torch.zeros(0, dtype=torch.long)
+    loss = fn(empty, weight, target, ignore_index=-1, reduction="sum", item_chunk=16)
+    loss.backward()
+    assert loss.item() == 0.0 and empty.grad.shape == (0, 8)
+    assert torch.isnan(fn(empty, weight, target, ignore_index=-1, item_chunk=16))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
 def test_gradients_reach_the_table_through_a_row_slice(impl):
     """The models pass item_weight[1:-1] (items without the padding and mask rows): the
     gradient lands on the sliced rows of the parameter and nowhere else."""
@@ -143,6 +154,14 @@ def test_backend_choice(monkeypatch):
     assert backends.linear_ce_function("auto", cpu, 100, 100) is linear_cross_entropy
     assert backends.linear_ce_function("auto", cpu, 101, 100) is chunked_linear_cross_entropy
     assert backends.linear_ce_function("fused", cpu, 10, 100) is _fused()        # interpreter (conftest)
+    # On CUDA the Triton kernels stay opt-in until a GPU run of the device check has passed them
+    # (README, "Fused kernels"); then auto takes them for tables they can hold.
+    cuda = torch.device("cuda")
+    assert not backends.LINEAR_CE_GPU_VERIFIED
+    assert backends.linear_ce_function("auto", cuda, 10**6, 100, 64) is chunked_linear_cross_entropy
+    monkeypatch.setattr(backends, "LINEAR_CE_GPU_VERIFIED", True)
+    assert backends.linear_ce_function("auto", cuda, 10**6, 100, 64) is _fused()
+    assert backends.linear_ce_function("auto", cuda, 10**6, 100, 512) is chunked_linear_cross_entropy
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         backends.linear_ce_function("fused", cpu, 10, 100)
