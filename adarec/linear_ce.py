@@ -14,10 +14,11 @@ Three implementations with one signature (docs/catalogs.md):
 - `fused_linear_cross_entropy` (kernels/linear_ce.py): the same decomposition in Triton kernels
   that keep the logits tile in registers.
 
-All three split the loss the same way: the log-sum-exp over the items is the custom part, and
-the target's logit h_r . w_{t_r} is a gather and a dot product that autograd differentiates.
-The softmax gradient of a row is (softmax_r - onehot_{t_r}) * g_r; the softmax part flows through
-the log-sum-exp's backward and the onehot part through the gather, so no kernel needs the target.
+The custom implementations compute each row's loss inside one autograd function: the forward
+keeps the running log-sum-exp and picks the target's logit out of the chunk (or tile) that holds
+it, so both terms come from the same products; the backward forms (softmax_r - onehot_{t_r}) * g_r
+chunk by chunk, subtracting g_r at the target's column before the two gradient products. The
+only item-sized tensor is the weight gradient itself, and nothing is added with atomics.
 """
 
 from __future__ import annotations
@@ -50,54 +51,70 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
 
 
-def compose_loss(lse: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                 ignore_index: int, reduction: str) -> torch.Tensor:
-    """The loss from the rows' log-sum-exp [R] (float32): lse - target logit over the kept rows.
-
-    Ignored rows read item 0's vector (any valid index) and are zeroed, so nothing depends on
-    a host-side count; an all-ignored batch gives 0 for sum and NaN (0 / 0) for mean, as
-    F.cross_entropy does."""
+def target_mask(target: torch.Tensor, ignore_index: int, num_items: int) -> torch.Tensor:
+    """Rows that count (target != ignore_index). A kept target outside 0..N-1 would silently
+    score nothing, so it is asserted on the device (no host sync), as F.cross_entropy refuses it."""
     keep = target != ignore_index
-    safe = torch.where(keep, target, torch.zeros_like(target))
-    # F.embedding rather than index_select: its backward sums repeated targets without atomics
-    # on CUDA, so the weight gradient is reproducible run to run.
-    target_logit = (hidden.float() * F.embedding(safe, weight).float()).sum(-1)
-    per_row = torch.where(keep, lse - target_logit, torch.zeros_like(lse))
+    torch._assert_async((~keep | ((target >= 0) & (target < num_items))).all(),
+                        f"cross-entropy targets must be ignore_index ({ignore_index}) or in 0..{num_items - 1}")
+    return keep
+
+
+def reduce_rows(per_row: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Sum or mean over the kept rows of the per-row losses (0 on ignored rows), with no
+    host-side count: an all-ignored batch gives 0 for sum and NaN (0 / 0) for mean, as
+    F.cross_entropy does."""
     total = per_row.sum()
     return total if reduction == "sum" else total / keep.sum()
 
 
-class _ChunkedLogSumExp(torch.autograd.Function):
-    """logsumexp_j(h_r . w_j) [R] (float32), computed item chunk by item chunk."""
+def _target_in_chunk(target: torch.Tensor, keep: torch.Tensor, start: int, width: int):
+    """(column of each row's target within the chunk [start, start + width), clamped to it;
+    whether the chunk holds a kept row's target)."""
+    local = target - start
+    held = keep & (local >= 0) & (local < width)
+    return local.clamp(0, width - 1).unsqueeze(1), held
+
+
+class _ChunkedRowLoss(torch.autograd.Function):
+    """Per-row cross-entropy [R] (float32, 0 on ignored rows), item chunk by item chunk."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, item_chunk: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, keep: torch.Tensor,
+                item_chunk: int) -> torch.Tensor:
         lse = hidden.new_full((hidden.shape[0],), float("-inf"), dtype=torch.float32)
+        target_logit = torch.zeros_like(lse)
         for start in range(0, weight.shape[0], item_chunk):
             logits = (hidden @ weight[start:start + item_chunk].t()).float()
             lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
-        ctx.save_for_backward(hidden, weight, lse)
+            column, held = _target_in_chunk(target, keep, start, logits.shape[1])
+            target_logit = torch.where(held, logits.gather(1, column).squeeze(1), target_logit)
+        ctx.save_for_backward(hidden, weight, target, keep, lse)
         ctx.item_chunk = item_chunk
-        return lse
+        return torch.where(keep, lse - target_logit, torch.zeros_like(lse))
 
     @staticmethod
-    def backward(ctx, grad_lse: torch.Tensor):
-        hidden, weight, lse = ctx.saved_tensors
+    def backward(ctx, grad_rows: torch.Tensor):
+        hidden, weight, target, keep, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
         # A frozen table (ADRec's warm-up epochs) gets no gradient and costs no product.
         grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        g = torch.where(keep, grad_rows.float(), torch.zeros_like(lse))
         h32 = hidden.float()
         for start in range(0, weight.shape[0], ctx.item_chunk):
             chunk = weight[start:start + ctx.item_chunk]
-            # d lse_r / d logit_rj = softmax_rj, recomputed from the saved log-sum-exp.
-            probs = (hidden @ chunk.t()).float().sub_(lse[:, None]).exp_().mul_(grad_lse[:, None])
+            # (softmax - onehot) * g: the softmax recomputed from the saved log-sum-exp, the onehot
+            # subtracted at the target's column (one element per row, so no two writes collide).
+            probs = (hidden @ chunk.t()).float().sub_(lse[:, None]).exp_().mul_(g[:, None])
+            column, held = _target_in_chunk(target, keep, start, probs.shape[1])
+            probs.scatter_add_(1, column, torch.where(held, -g, torch.zeros_like(g)).unsqueeze(1))
             if need_hidden:
                 grad_hidden.addmm_(probs, chunk.float())
             if need_weight:
                 torch.mm(probs.t(), h32, out=grad_weight[start:start + ctx.item_chunk])
         return (grad_hidden.to(hidden.dtype) if need_hidden else None,
-                grad_weight.to(weight.dtype) if need_weight else None, None)
+                grad_weight.to(weight.dtype) if need_weight else None, None, None, None)
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -107,5 +124,5 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     check_inputs(hidden, weight, target, reduction)
     if item_chunk < 1:
         raise ValueError(f"item_chunk must be >= 1, got {item_chunk}")
-    lse = _ChunkedLogSumExp.apply(hidden, weight, item_chunk)
-    return compose_loss(lse, hidden, weight, target, ignore_index, reduction)
+    keep = target_mask(target, ignore_index, weight.shape[0])
+    return reduce_rows(_ChunkedRowLoss.apply(hidden, weight, target, keep, item_chunk), keep, reduction)
