@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from adarec.diffusion import diffusion_trajectory
+from adarec.errors import BackendError, UnknownBackend
 from adarec.fusion import gated_fusion
 from adarec.linear_ce import FUSED_MAX_WIDTH, chunked_linear_cross_entropy, linear_cross_entropy
 
@@ -46,8 +47,22 @@ def resolve_backend(configured: str = "auto") -> str:
     name = os.environ.get(ENV_VAR, "").strip().lower() or configured
     if name not in BACKENDS:
         source = ENV_VAR if os.environ.get(ENV_VAR, "").strip() else "kernels.backend"
-        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {name!r}")
+        raise UnknownBackend(f"{source} must be one of {', '.join(BACKENDS)}, got {name!r}")
     return name
+
+
+def check_backend_runs_here(configured: str, device: torch.device) -> str:
+    """The backend in force, checked before a run starts: an unknown name, or `fused` where the
+    Triton kernels cannot run (a CPU without the interpreter), is a one-line BackendError here
+    rather than an error at the first step. Every model has a Triton op on its fused path (the
+    trajectory, or the linear cross-entropy of a CE loss), so `fused` means a CUDA device."""
+    backend = resolve_backend(configured)
+    if backend == "fused" and device.type != "cuda" and not _interpreter_on():
+        source = ENV_VAR if os.environ.get(ENV_VAR, "").strip() else "kernels.backend"
+        raise BackendError(f"{source}=fused runs the Triton kernels, which need a CUDA device (this run is on "
+                           f"{device.type}; TRITON_INTERPRET=1 runs them slowly on a CPU, for tests); use "
+                           "kernels.backend=auto, which takes the fused ops that can run here")
+    return backend
 
 
 def _interpreter_on() -> bool:
@@ -71,10 +86,10 @@ def _triton_op(backend: str, device: torch.device, what: str, module: str, attr:
     fused = _load_triton(module, attr) if runnable_here else None
     if backend == "fused":
         if not runnable_here:
-            raise RuntimeError(f"kernels.backend=fused: the Triton {what} needs CUDA tensors (got {device}); "
+            raise BackendError(f"kernels.backend=fused: the Triton {what} needs CUDA tensors (got {device}); "
                                "on CPU it runs only under TRITON_INTERPRET=1")
         if isinstance(fused, str):
-            raise RuntimeError(f"kernels.backend=fused: the Triton {what} cannot be loaded ({fused})")
+            raise BackendError(f"kernels.backend=fused: the Triton {what} cannot be loaded ({fused})")
     return fused
 
 
@@ -128,7 +143,7 @@ def fusion_function(backend: str, device: torch.device) -> Callable:
     if problem is None:
         return ops.gated_fusion
     if backend == "fused":
-        raise RuntimeError(f"kernels.backend=fused: the native gated fusion cannot run here: {problem}")
+        raise BackendError(f"kernels.backend=fused: the native gated fusion cannot run here: {problem}")
     _warn_once(f"kernels.backend=auto: using the eager gated fusion ({problem})")
     return gated_fusion
 

@@ -20,12 +20,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
                         metavar="KEY=VALUE",
                         help="dotted overrides, e.g. --set train.lr=2e-3 data.max_users=500")
-    parser.add_argument("--output-dir", help="run directory (default: runs/<model>_<data file stem>)")
+    parser.add_argument("--output-dir", help="run directory (default: runs/<config file stem>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in a folder that holds one: the old run is moved aside to "
+                             "<folder>.old-<UTC time>, never deleted")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
     # Passed by the deepspeed launcher; the rank is read from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def default_run_dir(config_path: str) -> Path:
+    """runs/<config file stem>: one folder per config file, so that configs of one model and data
+    file (adarec_beauty.yaml, adarec_beauty_sparse5.yaml) never share a run folder."""
+    return Path("runs") / Path(config_path).stem
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -35,6 +44,8 @@ def train_command(args: argparse.Namespace) -> int:
         print(describe_keys())
         return 0
     run_dir = Path(args.output_dir) if args.output_dir else None
+    if args.resume and args.overwrite:
+        raise AdarecError("--resume continues the run in --output-dir and --overwrite moves it aside: pass one")
     if args.resume:
         if run_dir is None:
             raise AdarecError("--resume needs --output-dir (the run to continue)")
@@ -47,10 +58,10 @@ def train_command(args: argparse.Namespace) -> int:
             raise AdarecError("train needs --config FILE (or --resume --output-dir DIR)")
         cfg = load_config(args.config, args.overrides)
     if run_dir is None:
-        run_dir = Path("runs") / f"{cfg.model.name}_{Path(cfg.data.path).stem}"
+        run_dir = default_run_dir(args.config)
     from adarec.engine.trainer import run_training
 
-    result = run_training(cfg, run_dir, resume=args.resume)
+    result = run_training(cfg, run_dir, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(result))
     return 0
 
@@ -64,7 +75,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 def augment_command(args: argparse.Namespace) -> int:
     """The generator's config is the one its run saved (with --set over it), so that the weights fit;
-    --config locates the default run, runs/<model>_<data file stem>, and is otherwise only checked."""
+    --config locates the default run, runs/<config file stem>, and is otherwise only checked."""
     from .augment_file import write_augmented
     from .config import apply_overrides, load_config
     from .engine.distributed import pick_device
@@ -75,7 +86,7 @@ def augment_command(args: argparse.Namespace) -> int:
     if given is not None and given.model.name != "diffuasr":
         raise AdarecError(f"{args.config}: augment needs a diffuasr generator config, this one trains "
                           f"model.name={given.model.name!r}")
-    run_dir = Path(args.run) if args.run else Path("runs") / f"{given.model.name}_{Path(given.data.path).stem}"
+    run_dir = Path(args.run) if args.run else default_run_dir(args.config)
     saved = run_dir / "config.yaml"
     if saved.exists():
         cfg = apply_overrides(load_config(saved), args.overrides)
@@ -130,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     aug = sub.add_parser("augment", help="write DiffuASR's augmented data file (generated items before every "
                                          "sequence) from a trained generator")
     aug.add_argument("--config", help="the generator's YAML config (configs/diffuasr_*.yaml)")
-    aug.add_argument("--run", help="the generator's run directory (default: runs/<model>_<data file stem>)")
+    aug.add_argument("--run", help="the generator's run directory (default: runs/<config file stem>)")
     aug.add_argument("--output", required=True, help="augmented interaction file to write (and FILE.json)")
     aug.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     aug.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",

@@ -15,3 +15,11 @@ class DataError(AdarecError):
 
 class ConfigError(AdarecError):
     """A config file or override is invalid; the message lists what would be valid."""
+
+
+class BackendError(ConfigError, RuntimeError):
+    """kernels.backend (or ADAREC_KERNELS) asks for a fused op that cannot run here."""
+
+
+class UnknownBackend(ConfigError, ValueError):
+    """kernels.backend (or ADAREC_KERNELS) is not one of the backend names."""

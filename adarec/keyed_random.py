@@ -28,7 +28,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["GeneratorDraws", "KeyedDraws", "Streams", "as_draws", "row_keys"]
+__all__ = ["GeneratorDraws", "KeyedDraws", "Streams", "as_draws", "normal_from_words", "open_unit", "row_keys",
+           "uniform_from_words"]
 
 _MASK32 = 0xFFFFFFFF
 # Below 2**27: a 32-bit word times this stays under 2**59, so int64 never overflows.
@@ -100,9 +101,47 @@ def _mix32_int(x: int) -> int:
     return (x >> 16) ^ x
 
 
+def open_unit(u: torch.Tensor) -> torch.Tensor:
+    """u clamped into the open interval (0, 1) as u's dtype represents it: to the largest value
+    below 1 and the smallest normal number above 0.
+
+    A draw that rounds to 1.0 or 0.0 is not rare at training scale: in float32 the top 24-bit
+    word maps to 1 - 2**-25, which rounds to 1.0 (one word in 2**24, about one Beauty step in
+    150 for ADARec's Gumbel noise), and in bf16 every draw above 1 - 2**-9 rounds to 1.0. The
+    consumers take -log(-log(u)) (Gumbel) and log(u) (Box-Muller), which are finite only inside
+    (0, 1). 1 - eps / 2 is exactly representable in every float dtype (eps is the spacing above 1,
+    the spacing below 1 is half of it)."""
+    info = torch.finfo(u.dtype)
+    return u.clamp(info.tiny, 1.0 - info.eps / 2)
+
+
 def _uniform32(bits: torch.Tensor) -> torch.Tensor:
-    """The top 24 bits as a float32 in (0, 1), never 0 or 1."""
-    return ((bits >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
+    """The top 24 bits of 32-bit words as float32 in (0, 1): (k + 1/2) / 2**24, whose top value
+    rounds to 1.0 in float32 and is therefore clamped to 1 - 2**-24 (open_unit)."""
+    return open_unit(((bits >> 8).to(torch.float32) + 0.5) * (2.0 ** -24))
+
+
+def uniform_from_words(words: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Uniform numbers in (0, 1) from 32-bit words (int64 in [0, 2**32)), in ``dtype``.
+
+    float64 takes 53 bits from two words: ``words`` [2, ...] (high, low); every other dtype one
+    word each, computed in float32 and rounded, then clamped so that rounding never reaches 0
+    or 1. What KeyedDraws.uniform computes from its hashed words."""
+    if dtype == torch.float64:
+        high, low = words.unbind(0)
+        k = (high >> 6).to(torch.float64) * 2.0 ** 26 + (low >> 6).to(torch.float64)
+        return open_unit((k + 0.5) * 2.0 ** -52)
+    return open_unit(_uniform32(words).to(dtype))
+
+
+def normal_from_words(words: torch.Tensor) -> torch.Tensor:
+    """Standard normal float32 numbers from pairs of 32-bit words [2, ...] by Box-Muller:
+    [2, ...] again, the cos and the sin output of each pair. log() takes the first word's
+    uniform, which is at least 2**-25, so the radius is at most sqrt(2 * 25 * ln 2) < 6.
+    What KeyedDraws.normal computes from its hashed words."""
+    u1, u2 = _uniform32(words).unbind(0)
+    radius, angle = torch.sqrt(-2.0 * torch.log(u1)), _TWO_PI * u2
+    return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)])
 
 
 class KeyedDraws:
@@ -151,12 +190,12 @@ class KeyedDraws:
 
     def uniform(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32,
                 block: torch.Tensor | None = None, blocks: int = 1) -> torch.Tensor:
-        """Uniform in (0, 1) [B, *tail]; float64 takes 53 bits from two words. `block`: see bits."""
+        """Uniform in (0, 1) [B, *tail], never 0 or 1 in ``dtype`` (uniform_from_words); float64
+        takes 53 bits from two words. `block`: see bits."""
         if dtype == torch.float64:
             # Two words per number from one hash pass over twice the counters.
-            high, low = self.bits((2, *tail), block, blocks).unbind(1)
-            return ((high >> 6).to(torch.float64) * 2.0 ** 26 + (low >> 6).to(torch.float64) + 0.5) * 2.0 ** -52
-        return _uniform32(self.bits(tail, block, blocks)).to(dtype)
+            return uniform_from_words(self.bits((2, *tail), block, blocks).movedim(1, 0), dtype)
+        return uniform_from_words(self.bits(tail, block, blocks), dtype)
 
     def normal(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32,
                block: torch.Tensor | None = None, blocks: int = 1) -> torch.Tensor:
@@ -165,9 +204,8 @@ class KeyedDraws:
         `block`: see bits."""
         count = math.prod(tail)
         half = (count + 1) // 2
-        u1, u2 = _uniform32(self.bits((2, half), block, blocks)).unbind(1)
-        radius, angle = torch.sqrt(-2.0 * torch.log(u1)), _TWO_PI * u2
-        z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
+        z = normal_from_words(self.bits((2, half), block, blocks).movedim(1, 0))    # [2, B, half]
+        z = torch.cat([z[0], z[1]], dim=1)
         return z[:, :count].reshape(self.rows, *tail).to(dtype)
 
 
@@ -179,7 +217,8 @@ class GeneratorDraws:
         self.device = generator.device if generator is not None else device
 
     def uniform(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.rand((self.rows, *tail), generator=self.generator, device=self.device, dtype=dtype)
+        """Uniform in (0, 1): torch.rand draws from [0, 1), so its exact zeros are clamped too."""
+        return open_unit(torch.rand((self.rows, *tail), generator=self.generator, device=self.device, dtype=dtype))
 
     def normal(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.randn((self.rows, *tail), generator=self.generator, device=self.device, dtype=dtype)

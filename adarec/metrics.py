@@ -5,7 +5,10 @@ Protocol (docs/method.md section 4): every item is a candidate, the user's histo
 NDCG = 1 / log2(rank + 2), averages are over users.
 
 Ties are broken against the target (pessimistic rank: every other candidate scoring at least as
-high counts as ranked above it), so a model that scores everything equally earns nothing. The
+high counts as ranked above it), so a model that scores everything equally earns nothing. A NaN
+score is pessimistic too: a NaN candidate counts as ranked above the target and a NaN target is a
+miss, so NaN can only lower a metric, never make a hit. (The evaluator refuses to report metrics
+of scores with NaN at all: engine/evaluator.py, `nonfinite_rows`.) The
 rank is read off torch.topk of the top K_max + 1 scores, which is exact for ranks below K_max
 and costs one top-k per batch on the scores' device.
 
@@ -126,10 +129,19 @@ def mask_scores(
                        protocol=protocol)
 
 
+def nonfinite_rows(scores: torch.Tensor) -> torch.Tensor:
+    """bool [B]: the rows of a masked score block [B, width] holding NaN or +inf. Masking only ever
+    writes -inf (or 0 under compat), so these come from the model."""
+    return (torch.isnan(scores) | torch.isposinf(scores)).any(dim=1)
+
+
 def _ranks_from_top(top: torch.Tensor, target_score: torch.Tensor, k_max: int) -> torch.Tensor:
     """Pessimistic 0-based ranks from the top min(k_max + 1, C) values [B, k] and the target's
-    score [B]: the number of top values >= the target's is rank + 1 whenever rank < k_max."""
-    at_least = (top >= target_score.unsqueeze(1)).sum(dim=1)
+    score [B]: the number of top values >= the target's is rank + 1 whenever rank < k_max.
+
+    torch.topk orders NaN above every number, so NaN candidates fill the first top slots; each
+    counts as at least the target's score (a comparison with NaN is false, hence the isnan)."""
+    at_least = ((top >= target_score.unsqueeze(1)) | torch.isnan(top)).sum(dim=1)
     ranks = at_least - 1
     # A target scored -inf (excluded) or NaN is never a hit.
     miss = (at_least > k_max) | ~torch.isfinite(target_score)
@@ -171,8 +183,10 @@ def chunked_target_ranks(
     never_rank: Sequence[int] = (0,),
     protocol: str = "full",
     item_chunk: int = EvalConfig.item_chunk,
-) -> torch.Tensor:
-    """target_ranks(mask_scores(query @ table.T, ...)) without the [B, N+2] score matrix.
+    with_nonfinite: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """target_ranks(mask_scores(query @ table.T, ...)) without the [B, N+2] score matrix; with
+    `with_nonfinite`, also nonfinite_rows of that matrix (bool [B]), gathered block by block.
 
     query [B, D] and table [C, D] are a model's scoring factors (adarec/models/scoring.py). The
     columns are scored item_chunk at a time with the same inner_product_scores the models use,
@@ -201,6 +215,7 @@ def chunked_target_ranks(
     k = min(k_max + 1, num_cols)
     top = None
     target_score = torch.full((rows,), float("nan"), device=query.device)
+    nonfinite = torch.zeros(rows, dtype=torch.bool, device=query.device)
     for start in range(0, num_cols, item_chunk):
         block = inner_product_scores(query, table[start:start + item_chunk])
         width = block.shape[1]
@@ -210,7 +225,10 @@ def chunked_target_ranks(
         picked = block.gather(1, local.clamp(0, width - 1).unsqueeze(1)).squeeze(1)
         target_score = torch.where(held, picked, target_score)
         top = merge_top(top, block, k)
-    return _ranks_from_top(top, target_score, k_max)
+        if with_nonfinite:
+            nonfinite |= nonfinite_rows(block)
+    ranks = _ranks_from_top(top, target_score, k_max)
+    return (ranks, nonfinite) if with_nonfinite else ranks
 
 
 def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:

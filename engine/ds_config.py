@@ -58,6 +58,24 @@ def use_autocast(train_cfg, world_size: int, zero_stage: int) -> bool:
     return world_size == 1 and int(zero_stage) == 0
 
 
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _check_batch_keys(train_cfg, world_size: int, merged: dict) -> None:
+    """The batch keys follow train.batch_size (the sampler builds batches of that size and the
+    trainer steps after every one), so an overlay may repeat them but not change them."""
+    want = {"train_batch_size": train_cfg.batch_size,
+            "train_micro_batch_size_per_gpu": train_cfg.batch_size // world_size,
+            "gradient_accumulation_steps": 1}
+    for key in _BATCH_KEYS:
+        if merged.get(key) != want[key]:
+            raise ConfigError(
+                f"{train_cfg.ds_config}: {key}={merged.get(key)!r} disagrees with train.batch_size="
+                f"{train_cfg.batch_size} on {world_size} rank(s), which means {key}={want[key]}; set the batch "
+                "size with train.batch_size (gradient accumulation is not supported) and leave these keys out of "
+                "the overlay")
+
+
 def build_ds_config(train_cfg, world_size: int, device: torch.device, autocast: bool = False) -> dict:
     """autocast: bf16 is done by torch.autocast over fp32 weights (use_autocast), so DeepSpeed
     itself runs in fp32, whatever a train.ds_config overlay says about bf16."""
@@ -90,6 +108,7 @@ def build_ds_config(train_cfg, world_size: int, device: torch.device, autocast: 
         config = _deep_merge(config, _read_json(train_cfg.ds_config))
         if int(config.get("zero_optimization", {}).get("stage", 0)) >= 3:
             raise ConfigError(f"{train_cfg.ds_config}: zero_optimization.stage 3: {ZERO3_REFUSED}")
+        _check_batch_keys(train_cfg, world_size, config)
     if autocast:
         config["bf16"] = {"enabled": False}
         config.pop("data_types", None)

@@ -6,6 +6,11 @@ chunked_target_ranks, which holds batch_size x item_chunk scores and a running t
 users x items matrix. A model with only `score` is ranked on its full score matrix. Per-user
 metric sums are accumulated on device and summed across ranks, so the result is an average over
 users, not over batches, and no batch waits for the host.
+
+Scores with NaN or +inf are an error, not a number: the users whose ranked scores hold one are
+counted with the metric sums (no extra host sync) and, if there are any, the split ends with
+NonFiniteScores naming the model, the split and the count. The ranking itself already treats NaN
+pessimistically (adarec/metrics.py), so no path lets NaN make a hit.
 """
 
 from __future__ import annotations
@@ -13,31 +18,43 @@ from __future__ import annotations
 import torch
 
 from adarec.config import EvalConfig
-from adarec.metrics import chunked_target_ranks, mask_scores, metric_sums, target_ranks
+from adarec.errors import AdarecError
+from adarec.metrics import chunked_target_ranks, mask_scores, metric_sums, nonfinite_rows, target_ranks
 
 DEFAULT_ITEM_CHUNK = EvalConfig.item_chunk
+NONFINITE = "nonfinite_users"
+"""The key of batch_metric_sums' count of users with a NaN or +inf score (not a metric)."""
+
+
+class NonFiniteScores(AdarecError):
+    """A model scored NaN or +inf for some users of a split: its metrics would mean nothing."""
 
 
 @torch.no_grad()
 def batch_metric_sums(model, inputs: torch.Tensor, history: torch.Tensor, targets: torch.Tensor, ks,
                       protocol: str = "full", item_chunk: int = DEFAULT_ITEM_CHUNK,
                       table: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """One evaluation batch, on the device and without a host sync: per-metric sums over its users.
+    """One evaluation batch, on the device and without a host sync: per-metric sums over its users,
+    and under NONFINITE the number of its users with a NaN or +inf score.
     table: the model's item_table(), when the caller has it already (it is the same for every batch)."""
     k_max = max(ks)
     if hasattr(model, "user_query"):
         table = model.item_table() if table is None else table
-        ranks = chunked_target_ranks(model.user_query(inputs), table, targets, history, k_max,
-                                     never_rank=model.never_rank, protocol=protocol, item_chunk=item_chunk)
+        ranks, nonfinite = chunked_target_ranks(model.user_query(inputs), table, targets, history, k_max,
+                                                never_rank=model.never_rank, protocol=protocol,
+                                                item_chunk=item_chunk, with_nonfinite=True)
     else:
         masked = mask_scores(model.score(inputs), history, never_rank=model.never_rank, protocol=protocol)
-        ranks = target_ranks(masked, targets, k_max)
-    return metric_sums(ranks, ks)
+        ranks, nonfinite = target_ranks(masked, targets, k_max), nonfinite_rows(masked)
+    return {**metric_sums(ranks, ks), NONFINITE: nonfinite.double().sum()}
 
 
 @torch.no_grad()
 def evaluate_split(model, split, which: str, ks, protocol: str = "full", batch_size: int = 1024,
-                   rank: int = 0, world_size: int = 1, item_chunk: int = DEFAULT_ITEM_CHUNK) -> dict[str, float]:
+                   rank: int = 0, world_size: int = 1, item_chunk: int = DEFAULT_ITEM_CHUNK,
+                   label: str | None = None) -> dict[str, float]:
+    """Metrics of `which` split averaged over its users. `label` names the model in the error
+    raised when some scores are NaN or +inf (default: the model's class name)."""
     if which not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {which!r}")
     view = getattr(model, "eval_view", None)
@@ -56,7 +73,8 @@ def evaluate_split(model, split, which: str, ks, protocol: str = "full", batch_s
     # model normalises its own; neither depends on the batch.
     table = model.item_table() if hasattr(model, "user_query") else None
     users = torch.arange(rank, inputs.shape[0], world_size, device=inputs.device)
-    sums = metric_sums(torch.empty(0, device=device), ks)
+    sums = {**metric_sums(torch.empty(0, device=device), ks),
+            NONFINITE: torch.zeros((), dtype=torch.float64, device=device)}
     for start in range(0, users.numel(), batch_size):
         idx = users[start:start + batch_size]
         batch_sums = batch_metric_sums(model, inputs[idx].to(device), history[idx].to(device),
@@ -70,4 +88,8 @@ def evaluate_split(model, split, which: str, ks, protocol: str = "full", batch_s
         torch.distributed.all_reduce(totals)
     totals = totals.cpu()
     users_total = max(float(totals[-1]), 1.0)
-    return {name: float(totals[i]) / users_total for i, name in enumerate(names)}
+    nonfinite = int(totals[names.index(NONFINITE)])
+    if nonfinite:
+        raise NonFiniteScores(f"{label or type(model).__name__} scored NaN or +inf for {nonfinite} of "
+                              f"{int(totals[-1])} users on the {which} split; no metrics are reported for it")
+    return {name: float(totals[i]) / users_total for i, name in enumerate(names) if name != NONFINITE}

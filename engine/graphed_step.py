@@ -30,7 +30,12 @@ import torch
 
 from adarec.errors import ConfigError
 
+from .nonfinite_watch import gradient_norms
+
 WARMUP_STEPS = 3
+GRAD_NORMS = "_grad_norms"
+"""Output key of the per-parameter gradient norms [n] (names in GraphedStep.grad_names), which
+the trainer hands to its non-finite watch rather than logging."""
 
 
 def check_graph_config(train_cfg, device: torch.device, world_size: int, model_cfg=None,
@@ -63,6 +68,7 @@ class GraphedStep:
         self.autocast_dtype, self.grad_clip, self.capture = autocast_dtype, grad_clip, capture
         self.buckets: dict[tuple, tuple] = {}   # shape key -> (graph or None, inputs, outputs, kept)
         self.pool = None
+        self.grad_names: tuple[str, ...] = ()   # the parameters behind the GRAD_NORMS output
 
     @staticmethod
     def bucket_key(batch: dict) -> tuple:
@@ -80,10 +86,16 @@ class GraphedStep:
         with self._autocast():
             loss, terms = self.module(inputs)
         loss.backward()
+        # Part of the graph, so the trainer's non-finite watch sees every replay's gradients.
+        norms = gradient_norms(self.module)
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip, foreach=True)
         self.optimizer.step()
-        return {"loss": loss.detach(), **terms}
+        out = {"loss": loss.detach(), **terms}
+        if norms is not None:
+            self.grad_names = norms[0]
+            out[GRAD_NORMS] = norms[1]
+        return out
 
     def _state_tensors(self) -> list[torch.Tensor]:
         """What a step changes besides its outputs: the parameters themselves, the optimizer's

@@ -30,7 +30,8 @@ def evaluate_run(run_dir: Path, split_name: str = "test", device: str = "auto", 
     loaded = load_run(run_dir, device, overrides, action="evaluate")
     cfg, split = loaded.cfg, loaded.split
     metrics = evaluate_split(loaded.model, split, split_name, cfg.eval.ks, cfg.eval.protocol,
-                             cfg.eval.batch_size, item_chunk=cfg.eval.item_chunk)
+                             cfg.eval.batch_size, item_chunk=cfg.eval.item_chunk,
+                             label=f"{cfg.model.name} ({run_dir})")
     best_epoch = loaded.best_epoch
     if split_name == "test":
         RunLog(run_dir, enabled=True, tensorboard=False).evaluation(

@@ -28,6 +28,7 @@ from adarec.profiling import nvtx
 from adarec.profiling.opcount import optimizer_range
 from tqdm import tqdm
 
+from adarec.backends import check_backend_runs_here
 from adarec.config import RunConfig, save_config
 from adarec.errors import AdarecError
 from adarec.models import build_members, scorer
@@ -53,10 +54,12 @@ from .curves import plot_curves
 from .data_setup import load_split
 from .distributed import DistInfo, pick_device, setup_distributed, share_from_rank0, sync_ranks
 from .ds_config import build_ds_config, resolve_precision, use_autocast
-from .evaluator import batch_metric_sums, evaluate_split
-from .graphed_step import GraphedStep, check_graph_config
+from .evaluator import NonFiniteScores, batch_metric_sums, evaluate_split
+from .graphed_step import GRAD_NORMS, GraphedStep, check_graph_config
+from .nonfinite_watch import NonFiniteWatch, gradient_norms
 from .output_dir import check_free_space, checkpoint_bytes_estimate, probe_output_dir, tree_bytes
 from .rank_watch import RankWatch
+from .run_dir import claim_run_dir, removed_if_setup_fails
 from .run_log import RunLog, setup_logging
 
 log = logging.getLogger("adarec.train")
@@ -65,7 +68,8 @@ BEST_WEIGHTS = "best_model.pt"
 
 
 class TrainingDiverged(AdarecError):
-    """The loss became NaN/inf; the last good checkpoint is left in place."""
+    """A loss term or a gradient became NaN/inf, or validation scores did; the last good
+    checkpoint is left in place."""
 
 
 @dataclass
@@ -145,6 +149,9 @@ class Trainer:
         )
         self.state = TrainState(members={name: MemberState() for name in members})
         self.runlog = RunLog(self.run_dir, enabled=dist.is_main)
+        # The first non-finite loss term or gradient of the epoch, recorded on the device.
+        self.watch = NonFiniteWatch()
+        self._epoch_step = 0
 
     @property
     def single(self) -> bool:
@@ -250,10 +257,13 @@ class Trainer:
                 begin_epoch(epoch_index)
         steps, log_every = len(self.sampler), self.cfg.train.log_every
         sums: dict[str, torch.Tensor] = {}
-        bar = tqdm(total=steps, desc=f"epoch {epoch_index + 1}", disable=not self.dist.is_main,
+        # None: shown on a terminal only, so a log file (nohup, CI) holds no bars. Rank 0 only.
+        bar = tqdm(total=steps, desc=f"epoch {epoch_index + 1}", disable=(not self.dist.is_main) or None,
                    dynamic_ncols=True, leave=False)
         start, samples = time.perf_counter(), 0
         batches = iter(self.sampler.epoch(epoch_index))
+        self.watch.reset()
+        self._epoch_step = 0
         for step in range(steps):
             with nvtx.phase("data"):
                 batch = next(batches)
@@ -261,10 +271,11 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + value.float()
             samples += batch["input_ids"].shape[0] * self.dist.world_size
             if (step + 1) % log_every == 0 or step + 1 == steps:
-                # The only host sync of the step loop, every log_every steps.
+                # The only host syncs of the step loop, every log_every steps.
                 running = {k: float(v) / (step + 1) for k, v in sums.items() if k.endswith("loss")}
-                if not all(math.isfinite(v) for v in running.values()):
-                    raise TrainingDiverged(self._diverged_message(epoch_index + 1, step + 1))
+                first = self.watch.report()
+                if first is not None or not all(math.isfinite(v) for v in running.values()):
+                    raise TrainingDiverged(self._diverged_message(epoch_index + 1, step + 1, first))
                 bar.set_postfix(loss=" ".join(f"{v:.4f}" for v in running.values()),
                                 samples_s=f"{samples / (time.perf_counter() - start):.0f}")
             bar.update()
@@ -273,7 +284,8 @@ class Trainer:
         self.state.global_step += steps
         record = {k: v / max(steps, 1) for k, v in self._mean_over_ranks(sums).items()}
         if not all(math.isfinite(v) for v in record.values()):
-            raise TrainingDiverged(self._diverged_message(epoch_index + 1, steps))
+            # Another rank's terms (each rank watches its own; this one stayed finite).
+            raise TrainingDiverged(self._diverged_message(epoch_index + 1, steps, self.watch.report()))
         if not self.single:
             record["loss"] = sum(v for k, v in record.items() if k.endswith("/loss"))
         record.update(seconds=elapsed, step_ms=1000 * elapsed / max(steps, 1), samples_per_s=samples / elapsed)
@@ -309,12 +321,18 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """One optimisation step of every active member on one batch: the loss and its terms,
         detached, on the device. The step of `adarec train` and of the benchmarks; nothing in it
-        waits for the device (tests/test_sync_free.py)."""
+        waits for the device (tests/test_sync_free.py). Every loss term and, where the parameters
+        hold them, every gradient goes through the non-finite watch (engine/nonfinite_watch.py)."""
         out = {}
+        self._epoch_step += 1
         for name, engine in self.active_engines().items():
+            member = "" if self.single else name
             if name in self.graphed:
                 with nvtx.phase("graph_replay"):
-                    terms = self.graphed[name](batch)
+                    terms = dict(self.graphed[name](batch))
+                norms = terms.pop(GRAD_NORMS, None)
+                if norms is not None:
+                    self.watch.observe_gradients((self.graphed[name].grad_names, norms), self._epoch_step, member)
                 out.update({self._prefixed(name, key): value for key, value in terms.items()})
                 continue
             with nvtx.phase("forward"), self._autocast():
@@ -328,10 +346,13 @@ class Trainer:
                     engine.backward(merged_gradient_loss(engine.module, engine.module.loss_parts, "pcgrad"))
                 else:
                     engine.backward(loss)
+                # Before the step: a non-finite gradient is named while the weights are still finite.
+                self.watch.observe_gradients(gradient_norms(engine.module), self._epoch_step, member)
             # The launch counter (profiling/opcount.py) counts this range as one fused launch.
             with nvtx.phase("optimizer_step"), optimizer_range():
                 engine.step()
             out.update({self._prefixed(name, key): value for key, value in {"loss": loss.detach(), **terms}.items()})
+        self.watch.observe_terms(out, self._epoch_step)
         return out
 
     def eval_batch(self, model, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -343,17 +364,26 @@ class Trainer:
         targets = s.valid_target[rows].to(self.device)
         return batch_metric_sums(model, inputs, history, targets, ev.ks, ev.protocol, item_chunk=ev.item_chunk)
 
-    def _diverged_message(self, epoch: int, step: int) -> str:
+    def _kept_checkpoint(self) -> str:
         kept = find_resume_point([self.run_dir / CHECKPOINTS / name for name in self.engines]).tag or "none yet"
-        return (f"non-finite training loss at epoch {epoch}, step {step}; stopped. The last good "
-                f"checkpoint ({kept}) is kept in {self.run_dir / CHECKPOINTS}; lower train.lr or "
-                f"set train.grad_clip, then resume with --resume.")
+        return f"The last good checkpoint ({kept}) is kept in {self.run_dir / CHECKPOINTS}"
 
-    def evaluate(self, model, which: str) -> dict[str, float]:
+    def _diverged_message(self, epoch: int, step: int, first: tuple[str, str] | None = None) -> str:
+        """`first`: the watch's report (kind, text) of what went non-finite first in this epoch."""
+        what = "gradient" if first is not None and first[0] == "gradient" else "training loss"
+        origin = f" First non-finite in epoch {epoch}: {first[1]}." if first else ""
+        return (f"non-finite {what} at epoch {epoch}, step {step}; stopped.{origin} {self._kept_checkpoint()}; "
+                "lower train.lr or set train.grad_clip, then resume with --resume.")
+
+    def evaluate(self, model, which: str, label: str | None = None) -> dict[str, float]:
         ev = self.cfg.eval
+        label = label or self.cfg.model.name
         with nvtx.phase("evaluation"):
-            return evaluate_split(model, self.split, which, ev.ks, ev.protocol, ev.batch_size,
-                                  self.dist.rank, self.dist.world_size, item_chunk=ev.item_chunk)
+            try:
+                return evaluate_split(model, self.split, which, ev.ks, ev.protocol, ev.batch_size,
+                                      self.dist.rank, self.dist.world_size, item_chunk=ev.item_chunk, label=label)
+            except NonFiniteScores as err:
+                raise TrainingDiverged(f"{err}; stopped. {self._kept_checkpoint()}.") from err
 
     def validate_members(self, epoch: int) -> None:
         """Validate every training member, update its early stopping and best weights."""
@@ -362,7 +392,8 @@ class Trainer:
             member = self.state.members[name]
             if member.stopped:
                 continue
-            metrics = self.evaluate(engine.module, "valid")
+            metrics = self.evaluate(engine.module, "valid", self.cfg.model.name if self.single
+                                    else f"{self.cfg.model.name} member {name}")
             split = "valid" if self.single else f"valid/{name}"
             self.runlog.evaluation(epoch, split, metrics)
             log.info("epoch %d %s: %s", epoch, split, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -426,28 +457,37 @@ def _free_space_error(run_dir: Path, need: int) -> str | None:
     return None
 
 
-def run_training(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, float]:
-    """Train (or resume) a run in run_dir and return its test metrics."""
+def run_training(cfg: RunConfig, run_dir: Path, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
+    """Train (or resume) a run in run_dir and return its test metrics.
+
+    A new run refuses a folder that already holds a run (unless `overwrite`, which moves that run
+    aside), so two runs' rows never mix in one metrics.jsonl; a folder the call creates is removed
+    again if the run fails before training starts (engine/run_dir.py)."""
     run_dir = Path(run_dir)
     is_main = os.environ.get("RANK", "0") == "0"
-    probe_output_dir(run_dir)                   # creates it; an unwritable folder fails here, not at epoch 1
-    setup_logging(run_dir, is_main)
-    nvtx.enable(cfg.profiling.nvtx)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    # Data first: a bad file should fail in a second, before DeepSpeed starts a process group.
-    split = load_split(cfg, pick_device(cfg.train.device))
-    dist = setup_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    trainer = Trainer(cfg, run_dir, dist, split, resume)
-    modules = [engine.module for engine in trainer.engines.values()]
-    need = checkpoint_bytes_estimate(modules, KEEP_TAGS) - tree_bytes(run_dir / CHECKPOINTS)
-    # Decided on rank 0 (the run directory is shared), so that every rank stops or none does.
-    space_error = share_from_rank0(_free_space_error(run_dir, need) if dist.is_main else None)
-    if space_error:
-        raise AdarecError(space_error)
-    if dist.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        atomic_write_json(run_dir / "ds_config.json", trainer.ds_config)
+    if not resume and is_main:
+        claim_run_dir(run_dir, overwrite)
+    with removed_if_setup_fails(run_dir, enabled=is_main and not resume):
+        probe_output_dir(run_dir)               # creates it; an unwritable folder fails here, not at epoch 1
+        setup_logging(run_dir, is_main)
+        nvtx.enable(cfg.profiling.nvtx)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        device = pick_device(cfg.train.device)
+        check_backend_runs_here(cfg.kernels.backend, device)
+        # Data first: a bad file should fail in a second, before DeepSpeed starts a process group.
+        split = load_split(cfg, device)
+        dist = setup_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+        trainer = Trainer(cfg, run_dir, dist, split, resume)
+        modules = [engine.module for engine in trainer.engines.values()]
+        need = checkpoint_bytes_estimate(modules, KEEP_TAGS) - tree_bytes(run_dir / CHECKPOINTS)
+        # Decided on rank 0 (the run directory is shared), so that every rank stops or none does.
+        space_error = share_from_rank0(_free_space_error(run_dir, need) if dist.is_main else None)
+        if space_error:
+            raise AdarecError(space_error)
+        if dist.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+            atomic_write_json(run_dir / "ds_config.json", trainer.ds_config)
     # A rank that dies mid-run ends the others with a message naming it, not a bare gloo/NCCL error. Its
     # heartbeats live in run_dir/.ranks, so run_dir must be on a file system all nodes share (as for checkpoints).
     with RankWatch(run_dir, dist.rank, dist.world_size, run_dir / CHECKPOINTS):

@@ -93,6 +93,18 @@ def _row_streams(keys_ptr, user, row_mask, NUM_LEVELS, HAS_KEYS: tl.constexpr):
 
 
 @triton.jit
+def _normal_from_words(i1, i2):
+    """N(0, 1) (fp32) from two uint32 words by Box-Muller, the cos output, as
+    adarec.keyed_random.normal_from_words computes it: each word's top 24 bits k give
+    (k + 1/2) / 2**24, so log() never sees 0 (its argument is at least 2**-25) and the radius is
+    at most 5.9 whatever the words (tests feed the extreme ones)."""
+    # The top word rounds to 1.0 in fp32; clamped to 1 - 2**-24 as on the CPU (open_unit).
+    u1 = tl.minimum(((i1 >> 8).to(tl.float32) + 0.5) * 5.960464477539063e-08, 0.9999999403953552)
+    u2 = tl.minimum(((i2 >> 8).to(tl.float32) + 0.5) * 5.960464477539063e-08, 0.9999999403953552)
+    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+
+
+@triton.jit
 def _level_noise(seed, noise_ptr, stream, key_lo, key_hi, pair, pos, cols, row_mask, col_mask, L, D,
                  NOISE_MODE: tl.constexpr):
     """eps [R, BD] (fp32) of rows at positions pos [R]: drawn with the counter words stream [R]
@@ -104,10 +116,7 @@ def _level_noise(seed, noise_ptr, stream, key_lo, key_hi, pair, pos, cols, row_m
         c2 = tl.broadcast_to(key_lo[:, None], c0.shape)
         c3 = tl.broadcast_to(key_hi[:, None], c0.shape)
         i1, i2, _, _ = tl.philox(seed, c0, c1, c2, c3)
-        u1 = tl.uint_to_uniform_float(i1)
-        u2 = tl.uint_to_uniform_float(i2)
-        eps, _ = tl.pair_uniform_to_normal(u1, u2)
-        eps = tl.where(mask, eps, 0.0)
+        eps = tl.where(mask, _normal_from_words(i1, i2), 0.0)
     elif NOISE_MODE == 1:
         offs = (pair.to(tl.int64) * L + pos)[:, None] * D + cols[None, :]
         eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)

@@ -221,3 +221,57 @@ def test_evaluate_split_never_builds_a_users_by_items_matrix(beauty):
         want = evaluate_split(FullMatrixOnly(model), few, "valid", ks, "full", batch_size=128)
     assert (128, num_items + 2) in control.too_wide(chunk + 1, batches)
     assert got == want
+
+
+# ---- NaN scores never make a hit ---------------------------------------------------------------
+
+def nan_case():
+    """Target scores and candidates arranged so that each user's true pessimistic rank is known:
+    user u's target has `above[u]` finite candidates above it, and the table has NAN_ITEMS items
+    scoring NaN for every user (a NaN factor row)."""
+    dim, items = 2, 60
+    table = torch.zeros(items + 2, dim)
+    table[1:items + 1, 0] = torch.arange(items, 0, -1).float()      # item i scores (items + 1 - i) * q0
+    nan_items = [5, 11, 40]
+    table[nan_items, 1] = float("nan")
+    targets = torch.tensor([50, 20, 2, 57, 45])
+    query = torch.tensor([[1.0, 0.0]] * targets.numel())
+    return query, table, targets, nan_items
+
+
+def expected_ranks(table, targets, nan_items, k_max):
+    """Pessimistic rank with NaN counted above the target: the finite items scoring at least the
+    target's score (excluding it), plus the NaN items; never-ranked rows 0 and N+1 left out."""
+    out = []
+    for t in targets.tolist():
+        finite_above = sum(1 for i in range(1, table.shape[0] - 1)
+                           if i != t and i not in nan_items and float(table[i, 0]) >= float(table[t, 0]))
+        out.append(min(finite_above + len(nan_items), k_max))
+    return out
+
+
+@pytest.mark.parametrize("k_max", [3, 20, 100])
+@pytest.mark.parametrize("chunk", [1, 7, 62, 100])
+def test_nan_candidates_rank_above_the_target_in_full_and_chunked_ranking(k_max, chunk):
+    query, table, targets, nan_items = nan_case()
+    never = (0, table.shape[0] - 1)
+    want = expected_ranks(table, targets, nan_items, k_max)
+    full = target_ranks(mask_scores(query @ table.t(), None, never_rank=never), targets, k_max)
+    chunked = chunked_target_ranks(query, table, targets, None, k_max, never_rank=never, item_chunk=chunk)
+    assert full.tolist() == want and chunked.tolist() == want
+    # The true rank with the NaN items ignored would be lower for every user: NaN never helps.
+    assert all(w >= min(r, k_max) for w, r in zip(want, [49, 19, 1, 56, 44], strict=True))
+
+
+def test_a_nan_target_is_a_miss_and_its_users_are_reported():
+    query, table, targets, _ = nan_case()
+    query[1] = float("nan")                                     # every score of user 1 is NaN
+    never = (0, table.shape[0] - 1)
+    ranks, nonfinite = chunked_target_ranks(query, table, targets, None, 20, never_rank=never, item_chunk=9,
+                                            with_nonfinite=True)
+    assert int(ranks[1]) == 20
+    assert nonfinite.tolist() == [True] * targets.numel()      # the NaN items are in every row
+    table[[5, 11, 40], 1] = 0.0
+    _, nonfinite = chunked_target_ranks(query, table, targets, None, 20, never_rank=never, item_chunk=9,
+                                        with_nonfinite=True)
+    assert nonfinite.tolist() == [False, True, False, False, False]

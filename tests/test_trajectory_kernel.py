@@ -184,8 +184,8 @@ def test_loss_weight_matches_eager_and_excludes_pairs_from_l_deno():
 
 
 def philox_normal_reference(seed, c0, c1, c2, c3, rounds=10):
-    """Triton's tl.philox (4x32, key = seed's low and high words) and its Box-Muller'd first
-    output, in numpy: an independent statement of the counter layout the kernels document."""
+    """Triton's tl.philox (4x32, key = seed's low and high words) and the Box-Muller'd cos output
+    of its first two words, in numpy: an independent statement of the counter layout the kernels document."""
     mask = np.uint64(0xFFFFFFFF)
     c = [np.asarray(x, dtype=np.uint64) & mask for x in (c0, c1, c2, c3)]
     k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
@@ -197,10 +197,12 @@ def philox_normal_reference(seed, c0, c1, c2, c3, rounds=10):
         k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
 
     def uniform(x):
-        x = x.astype(np.uint32).view(np.int32)
-        return np.where(x < 0, ~x, x).astype(np.float32) * np.float32(4.6566127342e-10)
+        # The top 24 bits k as (k + 1/2) / 2**24 in float32, the all-ones word clamped below 1
+        # (the conversion adarec.keyed_random documents for the CPU draws).
+        u = ((x >> np.uint64(8)).astype(np.float64) + 0.5) * 2.0 ** -24
+        return np.minimum(u.astype(np.float32), np.float32(1 - 2 ** -24))
 
-    u1 = np.maximum(np.float32(1e-7), uniform(c[0]))
+    u1 = uniform(c[0])
     theta = np.float32(6.283185307179586) * uniform(c[1])
     return np.sqrt(np.float32(-2.0) * np.log(u1)) * np.cos(theta)
 

@@ -57,6 +57,15 @@ class DepthDecision:
         return value + grad * (s - s.detach())
 
 
+def gumbel_from_uniform(uniform: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log(u)) of uniforms in the open interval (0, 1).
+
+    Finite only inside it: u = 1 gives +inf and a NaN softmax, u = 0 gives -inf. The draws
+    guarantee it in their dtype (adarec.keyed_random.open_unit); a clamp to 1 - 1e-10 would not,
+    since that constant is 1.0 in float32."""
+    return -torch.log(-torch.log(uniform))
+
+
 class LengthAwareGRU(nn.Module):
     """logits[i] = W prefix_mean(GRU([E^0 ; v_len]))[i] + b, v_len[i] an embedding of the number
     of items seen up to i: [B, L, outputs], position i reads positions <= i only.
@@ -94,8 +103,7 @@ class DepthController(LengthAwareGRU):
         logits = self.logits(e0, input_ids)
         if self.training:
             draws = as_draws(generator, logits.shape[0], logits.device)
-            uniform = draws.uniform(tuple(logits.shape[1:])).clamp(1e-10, 1 - 1e-10)
-            gumbel = -torch.log(-torch.log(uniform))
+            gumbel = gumbel_from_uniform(draws.uniform(tuple(logits.shape[1:])))
             probs = F.softmax((logits + gumbel) / self.tau, dim=-1)
         else:
             probs = F.softmax(logits, dim=-1)

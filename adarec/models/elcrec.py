@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adarec.errors import ConfigError
 from adarec.profiling import nvtx
 
 from .losses import cluster_loss, nt_xent
@@ -110,8 +111,9 @@ class ELCRec(SASRec):
         x = np.ascontiguousarray(torch.cat(pooled).numpy(), dtype=np.float32)
         k = self.intent_centers.shape[0]
         if x.shape[0] < k:
-            raise ValueError(f"{x.shape[0]} training sequences cannot seed {k} intent clusters; "
-                             "lower model.num_intent_clusters")
+            raise ConfigError(f"model.num_intent_clusters={k} needs at least {k} training users to seed its "
+                              f"k-means, the data has {x.shape[0]} training users; lower "
+                              "model.num_intent_clusters (or set model.kmeans_init=false)")
         kmeans = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False)
         kmeans.train(x)
         self.intent_centers.data.copy_(torch.from_numpy(kmeans.centroids))
