@@ -52,6 +52,17 @@ class DataConfig:
     """The file was written by `adarec augment` with this many generated items before each user's
     real items (DiffuASR): targets that are generated items are left out of the training loss and
     the generated items are not history at evaluation. 0: a plain interaction file."""
+    group_by_length: bool = True
+    """Training batches of similar lengths: each epoch's shuffled rows are cut into groups of
+    data.group_batches batches, each group sorted by length and cut into batches, served in a
+    random order (docs/method.md, "Trimmed batches"). false: plain shuffled batches."""
+    group_batches: int = 50
+    """Batches per length group (data.group_by_length): larger groups give more uniform lengths
+    per batch, smaller ones more random batch compositions."""
+    width_buckets: list[int] | None = field(default_factory=lambda: [8, 16, 32])
+    """Every batch (training and evaluation) is trimmed to its longest row rounded up to one of
+    these widths (max_len is always one); padding columns are cut, no item. null: batches keep
+    max_len. Models whose reference code reads padding (diffurec, adrec) are never trimmed."""
 
 
 @dataclass
@@ -492,6 +503,9 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
          "must be >= 1 or null")
     need(d.max_users is None or d.max_users >= 1, "data.max_users", "must be >= 1 or null")
     need(d.augmented_prefix >= 0, "data.augmented_prefix", "must be >= 0")
+    need(d.group_batches >= 1, "data.group_batches", "must be >= 1")
+    need(d.width_buckets is None or all(w >= 1 for w in d.width_buckets), "data.width_buckets",
+         "must be a list of widths >= 1 or null")
 
     choice("model.name", MODEL_NAMES)
     for key in ("hidden_size", "num_layers", "num_heads", "num_intent_clusters"):

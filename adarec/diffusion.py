@@ -189,7 +189,8 @@ def diffusion_trajectory(
         # Drawn for the computed pairs only, each from its (row key, level) block: the same
         # numbers as the whole [row, level] grid would hold there.
         draws = KeyedDraws(keys[pair_user], Streams.DIFFUSION)
-        noise = draws.normal(tuple(e0.shape[1:]), x0.dtype, block=pair_level, blocks=sqrt_abar.numel())
+        noise = draws.normal(tuple(e0.shape[1:]), x0.dtype, block=pair_level, blocks=sqrt_abar.numel(),
+                             align_right=True)
     elif noise is None:
         if seed is not None:
             generator = torch.Generator(device=x0.device).manual_seed(int(seed))

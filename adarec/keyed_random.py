@@ -71,17 +71,18 @@ def sequence_keys(input_ids: torch.Tensor, seed: int) -> torch.Tensor:
     """Keys [B] (int64) of evaluation rows from their contents and ``seed``: a user's reverse-process
     noise is then the same whatever batch, rank or batch size scores it, and fixed per run.
 
-    Two independent 32-bit hashes of the (column, id) pairs: two rows share a key only if both
-    collide.
+    Two independent 32-bit hashes of the (column, id) pairs of the items, columns counted from the
+    right end (where the newest item sits) and padding left out, so a row trimmed to fewer padding
+    columns gets the same key: two rows share a key only if both hashes collide.
     """
     ids = input_ids.to(torch.int64) & _MASK32
-    cols = torch.arange(ids.shape[1], device=ids.device, dtype=torch.int64)
+    cols = torch.arange(ids.shape[1] - 1, -1, -1, device=ids.device, dtype=torch.int64)
     halves = []
     for salt in (0x2545F491, 0x9E3779B1):
         # Each (column, id) mixed on its own, weighted by an odd per-column multiplier, summed:
         # a few whole-tensor ops, not a loop over columns.
         cell = _mix32((ids + cols * 0x61C88647 + _mix32_int(int(seed) ^ salt)) & _MASK32)
-        weight = _mix32((cols * 0x85EBCA6B + salt) & _MASK32) | 1
+        weight = (_mix32((cols * 0x85EBCA6B + salt) & _MASK32) | 1) * (ids > 0)
         halves.append(_mix32((cell * weight).sum(1) & _MASK32))
     return halves[0] | (halves[1] << 32)
 
@@ -166,42 +167,71 @@ class KeyedDraws:
     def rows(self) -> int:
         return self.keys.shape[0]
 
-    def bits(self, tail: tuple[int, ...], block: torch.Tensor | None = None, blocks: int = 1) -> torch.Tensor:
+    def bits(self, tail: tuple[int, ...], block: torch.Tensor | None = None, blocks: int = 1,
+             align_right: bool = False) -> torch.Tensor:
         """Uniform 32-bit words [B, *tail] as int64 in [0, 2**32).
 
         `block` [B] (int64 in [0, blocks)) gives each row one of `blocks` disjoint sub-blocks of
         this call's counters: what row r draws depends on (its key, block[r]) only. ADARec's
         noise uses it to draw a (row, level) pair's numbers for the pairs it computes, without
         drawing the whole [row, level] grid.
+
+        `align_right`: tail[0] is a sequence width W and the numbers of each position are keyed by
+        its distance from the right end (the newest item), in a block of fixed size whatever W is.
+        Sequences are left-padded, so a batch trimmed to a narrower width (fewer padding columns)
+        draws exactly the same numbers at every position it keeps (docs/method.md, "Trimmed
+        batches").
         """
         count = math.prod(tail)
-        if count * blocks > _CALL_SPAN or self._calls >= 2**32 // _CALL_SPAN:
-            raise ValueError(f"keyed draws take at most {_CALL_SPAN} numbers per row per call and "
-                             f"{2**32 // _CALL_SPAN} calls; asked {count} x {blocks} at call {self._calls}")
+        if self._calls >= 2**32 // _CALL_SPAN:
+            raise ValueError(f"keyed draws take at most {2**32 // _CALL_SPAN} calls per row")
+        span = _CALL_SPAN // blocks if align_right else count
+        if count > span or span * blocks > _CALL_SPAN:
+            raise ValueError(f"keyed draws take at most {_CALL_SPAN} numbers per row per call; asked "
+                             f"{count} x {blocks} at call {self._calls}")
         # The call number selects a block of the 32-bit counter: no per-call work on the rows.
         first = self._calls * _CALL_SPAN
         self._calls += 1
         a, b = self._state
-        counter = torch.arange(first, first + count, device=self.keys.device, dtype=torch.int64)[None, :]
+        device = self.keys.device
+        if align_right:
+            width, per = tail[0], math.prod(tail[1:])
+            distance = torch.arange(width - 1, -1, -1, device=device, dtype=torch.int64)
+            offsets = (distance[:, None] * per + torch.arange(per, device=device, dtype=torch.int64)).reshape(-1)
+            counter = (offsets + first)[None, :]
+        else:
+            counter = torch.arange(first, first + count, device=device, dtype=torch.int64)[None, :]
         if block is not None:
-            counter = counter + (block * count)[:, None]
+            counter = counter + (block * span)[:, None]
         out = _mix32(_mix32(a[:, None] ^ counter) ^ b[:, None])
         return out.view(self.rows, *tail)
 
     def uniform(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32,
-                block: torch.Tensor | None = None, blocks: int = 1) -> torch.Tensor:
+                block: torch.Tensor | None = None, blocks: int = 1, align_right: bool = False) -> torch.Tensor:
         """Uniform in (0, 1) [B, *tail], never 0 or 1 in ``dtype`` (uniform_from_words); float64
-        takes 53 bits from two words. `block`: see bits."""
+        takes 53 bits from two words. `block`, `align_right`: see bits."""
         if dtype == torch.float64:
-            # Two words per number from one hash pass over twice the counters.
-            return uniform_from_words(self.bits((2, *tail), block, blocks).movedim(1, 0), dtype)
-        return uniform_from_words(self.bits(tail, block, blocks), dtype)
+            # Two words per number from one hash pass over twice the counters (per position when
+            # aligned, so that a position's words stay its own).
+            if align_right:
+                words = self.bits((tail[0], 2, *tail[1:]), block, blocks, align_right=True).movedim(2, 0)
+            else:
+                words = self.bits((2, *tail), block, blocks).movedim(1, 0)
+            return uniform_from_words(words, dtype)
+        return uniform_from_words(self.bits(tail, block, blocks, align_right), dtype)
 
     def normal(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32,
-               block: torch.Tensor | None = None, blocks: int = 1) -> torch.Tensor:
+               block: torch.Tensor | None = None, blocks: int = 1, align_right: bool = False) -> torch.Tensor:
         """Standard normal [B, *tail], computed in float32: Box-Muller on pairs of uniforms from
         one hash pass, both of its outputs used (cos and sin), so a number costs one word.
-        `block`: see bits."""
+        With `align_right` the pairs are formed within each position, whose numbers then depend
+        on its distance from the right end only. `block`, `align_right`: see bits."""
+        if align_right:
+            width, per = tail[0], math.prod(tail[1:])
+            half = (per + 1) // 2
+            z = normal_from_words(self.bits((width, 2, half), block, blocks, align_right=True).movedim(2, 0))
+            z = torch.cat([z[0], z[1]], dim=-1)                                  # [B, W, 2 half]
+            return z[..., :per].reshape(self.rows, *tail).to(dtype)
         count = math.prod(tail)
         half = (count + 1) // 2
         z = normal_from_words(self.bits((2, half), block, blocks).movedim(1, 0))    # [2, B, half]
@@ -216,11 +246,14 @@ class GeneratorDraws:
         self.generator, self.rows = generator, rows
         self.device = generator.device if generator is not None else device
 
-    def uniform(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Uniform in (0, 1): torch.rand draws from [0, 1), so its exact zeros are clamped too."""
+    def uniform(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                align_right: bool = False) -> torch.Tensor:
+        """Uniform in (0, 1): torch.rand draws from [0, 1), so its exact zeros are clamped too.
+        (`align_right` is accepted for KeyedDraws' interface; a generator's numbers follow no key.)"""
         return open_unit(torch.rand((self.rows, *tail), generator=self.generator, device=self.device, dtype=dtype))
 
-    def normal(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def normal(self, tail: tuple[int, ...], dtype: torch.dtype = torch.float32,
+               align_right: bool = False) -> torch.Tensor:
         return torch.randn((self.rows, *tail), generator=self.generator, device=self.device, dtype=dtype)
 
 

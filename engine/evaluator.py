@@ -15,9 +15,11 @@ pessimistically (adarec/metrics.py), so no path lets NaN make a hit.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from adarec.config import EvalConfig
+from adarec.data.length_groups import evaluation_batches, sequence_lengths
 from adarec.errors import AdarecError
 from adarec.metrics import chunked_target_ranks, mask_scores, metric_sums, nonfinite_rows, target_ranks
 
@@ -50,11 +52,19 @@ def batch_metric_sums(model, inputs: torch.Tensor, history: torch.Tensor, target
 
 
 @torch.no_grad()
+def model_width_buckets(model, buckets):
+    """The width buckets a model's batches are trimmed to: none (full width) for a model whose
+    reference code reads padding (`trims_batches = False`: DiffuRec and ADRec attend to it)."""
+    return buckets if getattr(model, "trims_batches", True) else None
+
+
 def evaluate_split(model, split, which: str, ks, protocol: str = "full", batch_size: int = 1024,
                    rank: int = 0, world_size: int = 1, item_chunk: int = DEFAULT_ITEM_CHUNK,
-                   label: str | None = None) -> dict[str, float]:
+                   label: str | None = None, width_buckets=None) -> dict[str, float]:
     """Metrics of `which` split averaged over its users. `label` names the model in the error
-    raised when some scores are NaN or +inf (default: the model's class name)."""
+    raised when some scores are NaN or +inf (default: the model's class name). `width_buckets`
+    (data.width_buckets): batches of users sorted by length, each trimmed to the bucket width of
+    its longest input (adarec/data/length_groups.py); None keeps the split's order and width."""
     if which not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {which!r}")
     view = getattr(model, "eval_view", None)
@@ -72,17 +82,20 @@ def evaluate_split(model, split, which: str, ks, protocol: str = "full", batch_s
     # Built once per split: an average of models concatenates its members' tables, a cosine
     # model normalises its own; neither depends on the batch.
     table = model.item_table() if hasattr(model, "user_query") else None
-    users = torch.arange(rank, inputs.shape[0], world_size, device=inputs.device)
+    users = np.arange(rank, inputs.shape[0], world_size)
+    buckets = model_width_buckets(model, width_buckets)
+    # One host read of the lengths per split, then host-side batching (metrics do not depend on order).
+    lengths = sequence_lengths(inputs)[users] if buckets is not None else np.zeros(len(users), dtype=np.int64)
     sums = {**metric_sums(torch.empty(0, device=device), ks),
             NONFINITE: torch.zeros((), dtype=torch.float64, device=device)}
-    for start in range(0, users.numel(), batch_size):
-        idx = users[start:start + batch_size]
-        batch_sums = batch_metric_sums(model, inputs[idx].to(device), history[idx].to(device),
+    for part, width in evaluation_batches(lengths, batch_size, buckets, inputs.shape[1]):
+        idx = torch.from_numpy(users[part]).to(inputs.device)
+        batch_sums = batch_metric_sums(model, inputs[:, -width:][idx].to(device), history[idx].to(device),
                                        targets[idx].to(device), ks, protocol, item_chunk, table)
         sums = {k: sums[k] + v for k, v in batch_sums.items()}
     model.train(was_training)
     names = list(sums)
-    count = torch.tensor(float(users.numel()), dtype=torch.float64, device=device)
+    count = torch.tensor(float(len(users)), dtype=torch.float64, device=device)
     totals = torch.stack([sums[k] for k in names] + [count])
     if world_size > 1:
         torch.distributed.all_reduce(totals)

@@ -31,7 +31,7 @@ def evaluate_run(run_dir: Path, split_name: str = "test", device: str = "auto", 
     cfg, split = loaded.cfg, loaded.split
     metrics = evaluate_split(loaded.model, split, split_name, cfg.eval.ks, cfg.eval.protocol,
                              cfg.eval.batch_size, item_chunk=cfg.eval.item_chunk,
-                             label=f"{cfg.model.name} ({run_dir})")
+                             label=f"{cfg.model.name} ({run_dir})", width_buckets=cfg.data.width_buckets)
     best_epoch = loaded.best_epoch
     if split_name == "test":
         RunLog(run_dir, enabled=True, tensorboard=False).evaluation(

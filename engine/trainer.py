@@ -64,6 +64,7 @@ from .run_log import RunLog, setup_logging
 
 log = logging.getLogger("adarec.train")
 CHECKPOINTS = "checkpoints"
+PROGRESS_EVERY_S = 60.0
 BEST_WEIGHTS = "best_model.pt"
 
 
@@ -108,7 +109,9 @@ class Trainer:
         # bf16 by torch.autocast over fp32 weights (DeepSpeed in fp32), or by DeepSpeed's bf16 engine.
         self.ds_config = build_ds_config(cfg.train, dist.world_size, self.device)
         zero_stage = int(self.ds_config["zero_optimization"]["stage"])     # after any train.ds_config overlay
-        autocast = self.precision == "bf16" and use_autocast(cfg.train, dist.world_size, zero_stage)
+        # On a CPU bf16 is always autocast: DeepSpeed's bf16 engine and optimizers are for accelerators.
+        autocast = self.precision == "bf16" and (self.device.type == "cpu"
+                                                 or use_autocast(cfg.train, dist.world_size, zero_stage))
         self.autocast_dtype = torch.bfloat16 if autocast else None
         if autocast:
             self.ds_config = build_ds_config(cfg.train, dist.world_size, self.device, autocast=True)
@@ -140,12 +143,18 @@ class Trainer:
         self.needs_views = any(net.needs_views for net in members.values())
         from adarec.data import TrainBatchSampler
 
+        # Trimmed, length-grouped batches (adarec/data/length_groups.py), unless a member's
+        # reference code reads the padding (then grouping would buy nothing either).
+        trims = all(getattr(net, "trims_batches", True) for net in members.values())
+        self.width_buckets = cfg.data.width_buckets if trims else None
         self.sampler = TrainBatchSampler(
             split, cfg.train.batch_size, cfg.train.seed, rank=dist.rank, world_size=dist.world_size,
             with_views=self.needs_views, crop_ratio=cfg.model.crop_ratio, mask_ratio=cfg.model.mask_ratio,
             reorder_ratio=cfg.model.reorder_ratio, device=self.device,
             # Equal step counts on every rank, or a collective would wait forever.
             pad_ranks=dist.world_size > 1,
+            group_by_length=cfg.data.group_by_length and self.width_buckets is not None,
+            group_batches=cfg.data.group_batches, width_buckets=self.width_buckets,
         )
         self.state = TrainState(members={name: MemberState() for name in members})
         self.runlog = RunLog(self.run_dir, enabled=dist.is_main)
@@ -261,6 +270,7 @@ class Trainer:
         bar = tqdm(total=steps, desc=f"epoch {epoch_index + 1}", disable=(not self.dist.is_main) or None,
                    dynamic_ncols=True, leave=False)
         start, samples = time.perf_counter(), 0
+        last_note = start
         batches = iter(self.sampler.epoch(epoch_index))
         self.watch.reset()
         self._epoch_step = 0
@@ -276,8 +286,13 @@ class Trainer:
                 first = self.watch.report()
                 if first is not None or not all(math.isfinite(v) for v in running.values()):
                     raise TrainingDiverged(self._diverged_message(epoch_index + 1, step + 1, first))
-                bar.set_postfix(loss=" ".join(f"{v:.4f}" for v in running.values()),
-                                samples_s=f"{samples / (time.perf_counter() - start):.0f}")
+                rate = samples / (time.perf_counter() - start)
+                bar.set_postfix(loss=" ".join(f"{v:.4f}" for v in running.values()), samples_s=f"{rate:.0f}")
+                if bar.disable and self.dist.is_main and time.perf_counter() - last_note >= PROGRESS_EVERY_S:
+                    # No bar (not a terminal: nohup, CI): a progress line at most once a PROGRESS_EVERY_S.
+                    last_note = time.perf_counter()
+                    log.info("epoch %d: step %d/%d, loss %s, %.0f samples/s", epoch_index + 1, step + 1, steps,
+                             " ".join(f"{v:.4f}" for v in running.values()), rate)
             bar.update()
         bar.close()
         elapsed = time.perf_counter() - start
@@ -381,7 +396,8 @@ class Trainer:
         with nvtx.phase("evaluation"):
             try:
                 return evaluate_split(model, self.split, which, ev.ks, ev.protocol, ev.batch_size,
-                                      self.dist.rank, self.dist.world_size, item_chunk=ev.item_chunk, label=label)
+                                      self.dist.rank, self.dist.world_size, item_chunk=ev.item_chunk, label=label,
+                                      width_buckets=self.width_buckets)
             except NonFiniteScores as err:
                 raise TrainingDiverged(f"{err}; stopped. {self._kept_checkpoint()}.") from err
 

@@ -22,7 +22,9 @@ the device from `lengths` and the packed pairs, with an upper bound (B * L rows)
 so no host synchronisation is needed and ragged lengths never recompile anything.
 
 Noise. eps for (user u, level k, position p, channel c) is Philox(seed; counter (c0, c1, c2, c3)),
-Box-Muller'd to N(0, 1), with c0 = p * D + c and, for the rest of the counter, one of two keyings:
+Box-Muller'd to N(0, 1), with c0 = (L - 1 - p) * D + c (p counted from the right end, where the
+newest item sits, so a batch trimmed to fewer padding columns draws the same noise) and, for the
+rest of the counter, one of two keyings:
 - by row key, when `keys` [B] (int64, non-negative) gives each user a key of its own: c1 = k,
   c2 and c3 = the low and high 32 bits of keys[u]. A training row's noise then depends on its key
   only, not on where the row sits in the batch or which other rows are in it (so data-parallel
@@ -111,7 +113,9 @@ def _level_noise(seed, noise_ptr, stream, key_lo, key_hi, pair, pos, cols, row_m
     (c1) and key_lo, key_hi [R] (c2, c3) or, for given noise, read at packed pairs pair [R]."""
     mask = row_mask[:, None] & col_mask[None, :]
     if NOISE_MODE == 0:
-        c0 = (pos[:, None] * D + cols[None, :]).to(tl.uint32)
+        # Keyed by the distance from the right end (the newest item), so a batch trimmed to a
+        # narrower width draws the same noise at every position it keeps.
+        c0 = ((L - 1 - pos)[:, None] * D + cols[None, :]).to(tl.uint32)
         c1 = (stream[:, None] + cols[None, :] * 0).to(tl.uint32)
         c2 = tl.broadcast_to(key_lo[:, None], c0.shape)
         c3 = tl.broadcast_to(key_hi[:, None], c0.shape)

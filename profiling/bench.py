@@ -8,7 +8,14 @@
 Backends: eager (the eager twins) and fused (Triton trajectory + native gated fusion), both with
 DeepSpeed's bf16 engine; autocast (fused, with bf16 from torch.autocast over fp32 weights, the
 default on one GPU); graphs (autocast, and train.cuda_graphs: the whole step captured and
-replayed). A backend that fails leaves a row with its error; the others still run.
+replayed); auto (kernels.backend=auto and the run config's precision as it stands: what a CPU
+run trains with). A backend that fails leaves a row with its error; the others still run.
+
+Every row also carries the share of padding among the positions a training epoch and a
+validation pass compute (`padding_frac`, `valid_padding_frac`: data.width_buckets and
+data.group_by_length decide them, adarec/data/length_groups.py). `--full-epoch` times one whole
+training epoch instead of projecting it from blocks of steps: with length-grouped batches the
+step time depends on the batch's width, and a whole epoch holds every width in its proportion.
 
 For each backend it builds the real training path (the DeepSpeed engine(s) of the run config,
 the on-device batch sampler, the model's data-dependent init), runs `--warmup` untimed steps,
@@ -43,15 +50,17 @@ from pathlib import Path
 import torch
 from adarec.engine.data_setup import load_split
 from adarec.engine.distributed import setup_distributed
+from adarec.engine.evaluator import model_width_buckets
 from adarec.engine.trainer import Trainer
 from adarec.profiling import opcount
 from adarec.profiling.timing import add_speedups, environment, synchronize, write_tables
 
 from adarec.config import apply_overrides, load_config
+from adarec.data.length_groups import evaluation_batches, padding_fraction, sequence_lengths
 from adarec.models import scorer
 
 log = logging.getLogger("adarec.bench")
-BACKENDS = ("eager", "fused", "autocast", "graphs")
+BACKENDS = ("eager", "fused", "autocast", "graphs", "auto")
 # What each bench backend sets in the run config.
 # eager and fused pin DeepSpeed's bf16 engine so that the two differ in their kernels only.
 BACKEND_SETTINGS = {
@@ -59,6 +68,7 @@ BACKEND_SETTINGS = {
     "fused": ["kernels.backend=fused", "train.bf16_mode=deepspeed"],
     "autocast": ["kernels.backend=fused", "train.bf16_mode=autocast"],
     "graphs": ["kernels.backend=fused", "train.cuda_graphs=true"],
+    "auto": ["kernels.backend=auto"],
 }
 SYNC_RUNTIME_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ")
 
@@ -94,6 +104,15 @@ def _validation_seconds(trainer: Trainer, repeats: int) -> float | None:
         times.append(time.perf_counter() - start)
     # The first pass pays one-off costs (kernel compilation, allocator growth) when there are more.
     return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def _valid_padding(trainer: Trainer) -> float:
+    """Share of padding among the positions a validation pass computes (engine/evaluator.py)."""
+    model = scorer({name: engine.module for name, engine in trainer.engines.items()})
+    lengths = sequence_lengths(trainer.split.valid_input)
+    buckets = model_width_buckets(model, trainer.width_buckets)
+    return padding_fraction(lengths, evaluation_batches(lengths, trainer.cfg.eval.batch_size, buckets,
+                                                        trainer.split.valid_input.shape[1]))
 
 
 def _activities(device: torch.device) -> list:
@@ -157,15 +176,25 @@ def bench_backend(cfg, backend: str, split, dist, args, out: Path) -> dict:
         peak = torch.cuda.max_memory_allocated(trainer.device) / 2**20 if trainer.device.type == "cuda" else None
         step_ms = sorted(1e3 * s / args.steps for s in block_s)
         median_ms = statistics.median(step_ms)
+        epoch_s = len(trainer.sampler) * median_ms / 1e3
+        if args.full_epoch:
+            synchronize(trainer.device)
+            start = time.perf_counter()
+            trainer.train_epoch(1)
+            synchronize(trainer.device)
+            epoch_s = time.perf_counter() - start
         row = {
             "config": args.config_name, "model": cfg.model.name, "backend": backend,
             "precision": trainer.precision,
             "batch_size": cfg.train.batch_size, "steps_per_epoch": len(trainer.sampler),
             "step_ms_median": median_ms, "step_ms_min": step_ms[0], "step_ms_max": step_ms[-1],
             "samples_per_s": cfg.train.batch_size / (median_ms / 1e3),
-            "epoch_train_s": len(trainer.sampler) * median_ms / 1e3,
+            "epoch_train_s": epoch_s, "epoch_measured": bool(args.full_epoch),
             "valid_pass_s": _validation_seconds(trainer, args.eval_repeats),
             "peak_mem_mib": peak,
+            "padding_frac": trainer.sampler.padding_fraction(0),
+            "valid_padding_frac": _valid_padding(trainer),
+            "threads": torch.get_num_threads(),
         }
         if args.trace:
             _trace(trainer, batches, args.trace_steps, out / f"trace_{backend}.json")
@@ -216,6 +245,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--trace-summary", action="store_true",
                         help="profile --trace-steps steps and add per-step launch, sync and kernel counts")
     parser.add_argument("--trace-steps", type=int, default=3)
+    parser.add_argument("--full-epoch", action="store_true",
+                        help="time one whole training epoch instead of projecting it from the timed blocks")
     parser.add_argument("--out", default=None, help="results folder (default results/bench/<config name>)")
     args = parser.parse_args(argv)
     if os.environ.get("ADAREC_KERNELS"):

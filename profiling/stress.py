@@ -81,8 +81,8 @@ def extreme_words(rate: float) -> Iterator[None]:
     real = KeyedDraws.bits
     threshold = int(rate * 2**20)
 
-    def bits(self, tail, block=None, blocks=1):
-        words = real(self, tail, block, blocks)
+    def bits(self, tail, block=None, blocks=1, align_right=False):
+        words = real(self, tail, block, blocks, align_right)
         # A second, independent hash of the word decides (20 bits) and picks (3 bits).
         decide = _mix32(words ^ 0x5BD1E995)
         extremes = torch.tensor(EXTREME_WORDS, dtype=words.dtype, device=words.device)

@@ -82,8 +82,8 @@ class ExtremeBits:
     def __init__(self, monkeypatch):
         real = KeyedDraws.bits
 
-        def bits(draws, tail, block=None, blocks=1):
-            shape = real(draws, tail, block, blocks).shape
+        def bits(draws, tail, block=None, blocks=1, align_right=False):
+            shape = real(draws, tail, block, blocks, align_right).shape
             n = 1
             for s in shape:
                 n *= s

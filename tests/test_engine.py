@@ -196,3 +196,36 @@ def test_one_rank_steps_update_the_weights_at_every_zero_stage(tmp_path, stage):
         loss = trainer.train_step(next(batches))["loss"]
         assert torch.isfinite(loss)
     assert any(not torch.equal(p, b) for p, b in zip(engine.module.parameters(), before, strict=True))
+
+
+def test_bf16_on_a_cpu_trains_under_autocast_and_ranks_in_fp32(tmp_path, monkeypatch):
+    """train.precision=bf16 on the CPU: autocast over fp32 weights (DeepSpeed in fp32), the
+    forward's matmuls in bf16, and validation scores in fp32."""
+    from adarec.models.sasrec import SASRec
+
+    seen = {}
+    real_query = SASRec.user_query
+
+    def user_query(self, input_ids):
+        out = real_query(self, input_ids)
+        seen["query"] = out.dtype
+        return out
+
+    real_linear = torch.nn.Linear.forward
+
+    def linear(self, x):
+        out = real_linear(self, x)
+        if self.training:
+            seen["train_linear"] = out.dtype
+        return out
+
+    monkeypatch.setattr(SASRec, "user_query", user_query)
+    monkeypatch.setattr(torch.nn.Linear, "forward", linear)
+    cfg = apply_overrides(small_config(1, "sasrec"), ["train.precision=bf16"])
+    result = run_training(cfg, tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "ds_config.json").read_text())["bf16"]["enabled"] is False
+    assert "precision bf16 (autocast)" in (tmp_path / "bf16" / "train.log").read_text()
+    assert seen["train_linear"] == torch.bfloat16                   # autocast's matmuls
+    assert all(p.dtype == torch.float32 for p in torch.load(tmp_path / "bf16" / "best_model.pt")["members"]
+               ["model"]["model"].values() if p.is_floating_point())
+    assert seen["query"] == torch.float32 and 0 <= result["NDCG@20"] <= 1

@@ -29,7 +29,8 @@ def test_attention_mask_is_causal_and_ignores_padding():
     m = attention_mask(ids)[0, 0]
     assert m[3].tolist() == [False, False, True, True]
     assert m[2].tolist() == [False, False, True, False]
-    assert m[0].tolist() == [True, True, True, True]  # a row with no allowed key attends uniformly
+    # A row with no allowed key (padding left of every item) attends to itself only.
+    assert m[0].tolist() == [True, False, False, False] and m[1].tolist() == [False, True, False, False]
 
 
 def test_real_positions_do_not_depend_on_padding_content():
@@ -161,7 +162,9 @@ def test_masked_mean_ignores_padding():
 
 def test_elcrec_loss_terms_match_independent_references():
     """Each ELCRec term against a reference written outside the model: the cluster term from
-    pairwise distances, both contrasts from the per-row NT-Xent loop, the rec term a hand BCE."""
+    pairwise distances, both contrasts from the per-row NT-Xent loop, the rec term a hand BCE.
+    The sequence representation is the mean over item positions, and the instance contrast
+    flattens the item positions' outputs (padding zeroed): docs/method.md 2.5."""
     torch.manual_seed(0)
     model = build_model(small_cfg(name="elcrec"), num_items=30, max_len=8)
     assert isinstance(model, ELCRec) and model.needs_views
@@ -171,14 +174,18 @@ def test_elcrec_loss_terms_match_independent_references():
     with torch.no_grad():
         h = model.encoder(batch["input_ids"])
         centers = F.normalize(model.intent_centers, dim=-1)
-        pooled = F.normalize(h.mean(1), dim=-1)            # every position, padding included
+        def item_mean(out, ids):
+            return torch.stack([out[r][ids[r] > 0].mean(0) for r in range(out.shape[0])])
+
+        pooled = F.normalize(item_mean(h, batch["input_ids"]), dim=-1)
         cluster = torch.cdist(pooled, centers).pow(2).mean() - torch.cdist(centers, centers).pow(2).mean()
-        views = model.encoder(torch.cat([batch["view1"], batch["view2"]]))
+        view_ids = torch.cat([batch["view1"], batch["view2"]])
+        views = model.encoder(view_ids)
         n = batch["view1"].shape[0]
-        flat = views.flatten(1)
+        flat = torch.where((view_ids > 0)[..., None], views, 0.0).flatten(1)
         instance = reference_nt_xent(flat[:n], flat[n:], 1.0)
         intent = torch.cdist(pooled, centers).argmin(1)
-        own, view_mean = centers[intent], views.mean(1)
+        own, view_mean = centers[intent], item_mean(views, view_ids)
         intent_cl = 0.5 * (reference_nt_xent(own, view_mean[:n], 1.0, intent)
                            + reference_nt_xent(own, view_mean[n:], 1.0, intent))
         emb = model.encoder.item_embeddings.weight

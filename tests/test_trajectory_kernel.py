@@ -209,7 +209,7 @@ def philox_normal_reference(seed, c0, c1, c2, c3, rounds=10):
 
 @pytest.mark.parametrize("keyed", [False, True], ids=["by_batch_position", "by_row_key"])
 def test_noise_follows_the_documented_philox_counters(keyed):
-    """eps(u, k, p, c) = Philox(seed; p * D + c, then (u * levels + k, 0, 0) without keys, or
+    """eps(u, k, p, c) = Philox(seed; (L - 1 - p) * D + c, then (u * levels + k, 0, 0) without keys, or
     (k, low word, high word of keys[u]) with them): every drawn value against a numpy Philox."""
     shape = SHAPES["odd_dims"]
     problem = make_problem(**shape)
@@ -226,7 +226,7 @@ def test_noise_follows_the_documented_philox_counters(keyed):
         counters = (level, key & 0xFFFFFFFF, key >> 32)
     else:
         counters = (user * num_levels + level, 0 * level, 0 * level)
-    want = philox_normal_reference(seed, pos * shape["dim"] + channel, *counters)
+    want = philox_normal_reference(seed, (shape["length"] - 1 - pos) * shape["dim"] + channel, *counters)
     np.testing.assert_allclose(noise[pair, pos, channel].numpy(), want, rtol=1e-5, atol=1e-5)
 
 

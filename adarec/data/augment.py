@@ -55,7 +55,7 @@ def mask(ids: torch.Tensor, lengths: torch.Tensor, ratio: float, draws,
          mask_id: int = 0) -> torch.Tensor:
     """Set exactly floor(ratio*n) randomly chosen valid positions to ``mask_id`` (default 0)."""
     r = _rel_pos(ids, lengths)
-    keys = as_draws(draws, ids.shape[0], ids.device).uniform((ids.shape[1],))
+    keys = as_draws(draws, ids.shape[0], ids.device).uniform((ids.shape[1],), align_right=True)
     keys = torch.where(r >= 0, keys, torch.full_like(keys, 2.0))  # padding ranks last
     rank = torch.argsort(torch.argsort(keys, dim=1), dim=1)
     hit = rank < _count(lengths, ratio)[:, None]
@@ -71,7 +71,7 @@ def reorder(ids: torch.Tensor, lengths: torch.Tensor, ratio: float, draws) -> to
     inside = (r >= start) & (r < start + k[:, None])
     # Outside the span a position keeps its own integer key; keys inside lie in [start, start+k),
     # between the neighbours' keys, so sorting only permutes the span.
-    u = draws.uniform((ids.shape[1],), torch.float64)
+    u = draws.uniform((ids.shape[1],), torch.float64, align_right=True)
     keys = torch.where(inside, start + u * k[:, None], r.to(torch.float64))
     perm = torch.argsort(keys, dim=1, stable=True)
     return torch.gather(ids, 1, perm)

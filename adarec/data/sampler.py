@@ -21,6 +21,13 @@ import numpy as np
 import torch
 
 from adarec.data.augment import random_views
+from adarec.data.length_groups import (
+    DEFAULT_GROUP_BATCHES,
+    bucket_width,
+    grouped_order,
+    padding_fraction,
+    sequence_lengths,
+)
 from adarec.data.split import SplitData
 from adarec.keyed_random import KeyedDraws, Streams, as_draws, row_keys
 
@@ -51,7 +58,7 @@ def sample_negatives(seen_sorted: torch.Tensor, seen_count: torch.Tensor,
     device = seen_sorted.device
     # Draw the rank r of the negative among the row's unseen items, uniform in [0, N - count).
     free = (num_items - seen_count).clamp_min(1)[:, None]
-    u = as_draws(draws, B, device).uniform((L,), torch.float64)
+    u = as_draws(draws, B, device).uniform((L,), torch.float64, align_right=True)
     r = torch.minimum(torch.floor(u * free).to(torch.int64), free - 1)
     # Map r to the r-th unseen item. With h_i the seen items ascending (i 0-based),
     # a_i = h_i - 1 - i is the number of unseen items below h_i (non-decreasing in i).
@@ -84,6 +91,10 @@ class TrainBatchSampler:
     Each batch: ``input_ids``, ``target_pos``, ``target_neg`` (0 where ``target_pos`` is 0),
     ``target_rows`` (module docstring), ``user``, ``row_key`` and, with ``with_views``,
     ``view1`` / ``view2``.
+
+    ``group_by_length`` serves batches of similar lengths and ``width_buckets`` trims every batch to
+    the bucket width of its longest row (adarec/data/length_groups.py); both are decided per
+    *global* batch, so every rank's part of a batch has the global batch's width.
     The per-rank batch size is ``batch_size // world_size`` and the last partial batch is kept.
     When the row count is not a multiple of ``world_size`` ranks can differ by one step; ``pad_ranks=True`` pads the
     permutation with its first rows (as torch's DistributedSampler does) so every rank gets the
@@ -93,7 +104,9 @@ class TrainBatchSampler:
     def __init__(self, split: SplitData, batch_size: int, seed: int, *, rank: int = 0,
                  world_size: int = 1, with_views: bool = False, crop_ratio: float = 0.2,
                  mask_ratio: float = 0.7, reorder_ratio: float = 0.2,
-                 device: torch.device | str | None = None, pad_ranks: bool = False) -> None:
+                 device: torch.device | str | None = None, pad_ranks: bool = False,
+                 group_by_length: bool = False, group_batches: int = DEFAULT_GROUP_BATCHES,
+                 width_buckets: list[int] | tuple[int, ...] | None = None) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if batch_size // world_size < 1:
@@ -109,10 +122,13 @@ class TrainBatchSampler:
         self.with_views = with_views
         self.ratios = (crop_ratio, mask_ratio, reorder_ratio)
         self.pad_ranks = pad_ranks
+        self.group_by_length, self.group_batches = bool(group_by_length), int(group_batches)
+        self.width_buckets = None if width_buckets is None else tuple(int(w) for w in width_buckets)
         self.num_rows = int(split.train_input.shape[0])
         # Read once here, so that a batch's target count is known on the host (target_rows).
         # numpy, not torch: host-side bookkeeping must not look like a device read in a profile.
         self._row_targets = (split.train_target > 0).sum(1).cpu().numpy()
+        self._row_lengths = sequence_lengths(split.train_input)
         self._positions = int(split.train_target.shape[1])
         if pad_ranks:
             self.rank_rows = math.ceil(self.num_rows / world_size)
@@ -129,11 +145,14 @@ class TrainBatchSampler:
         g.manual_seed(seed)
         return g
 
-    def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        """The batches of epoch ``epoch`` for this rank (same result however often it is called)."""
-        self._last_epoch = epoch
-        s = self.split
+    def _global_order(self, epoch: int) -> tuple[torch.Tensor, np.ndarray]:
+        """The epoch's row order (every consecutive batch_size rows one global batch; padded for
+        the ranks when pad_ranks) and the pass over the permutation each position is."""
         perm = torch.randperm(self.num_rows, generator=self._generator(_derived_seed(self.seed, epoch, 0), "cpu"))
+        if self.group_by_length:
+            batch_order = np.random.default_rng(_derived_seed(self.seed, epoch, 1))
+            perm = torch.from_numpy(grouped_order(perm.numpy(), self._row_lengths, self.batch_size,
+                                                  self.group_batches, batch_order))
         total = self.rank_rows * self.world_size
         # Which pass over the permutation each position is: the rows padded onto the end are
         # repeats, and draw other numbers than their first appearance (their key counts the pass).
@@ -141,6 +160,27 @@ class TrainBatchSampler:
         if self.pad_ranks and self.num_rows and total > self.num_rows:
             perm = perm.repeat(math.ceil(total / self.num_rows))[:total]
             passes = np.arange(total, dtype=np.int64) // self.num_rows
+        return perm, passes
+
+    def _width(self, global_rows: np.ndarray, i: int) -> int:
+        """The width of global batch i (the rows of every rank), so that all ranks agree."""
+        longest = self._row_lengths[global_rows[i * self.batch_size:(i + 1) * self.batch_size]].max(initial=0)
+        return bucket_width(int(longest), self.width_buckets, self._positions)
+
+    def padding_fraction(self, epoch: int = 0) -> float:
+        """Share of the positions this rank computes in epoch ``epoch`` that are padding."""
+        perm, _ = self._global_order(epoch)
+        rows = perm.numpy()[self.rank :: self.world_size]
+        batches = [(rows[i * self.local_batch:(i + 1) * self.local_batch], self._width(perm.numpy(), i))
+                   for i in range(len(self))]
+        return padding_fraction(self._row_lengths, batches)
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of epoch ``epoch`` for this rank (same result however often it is called)."""
+        self._last_epoch = epoch
+        s = self.split
+        perm, passes = self._global_order(epoch)
+        global_rows = perm.numpy()
         rows_host = perm[self.rank :: self.world_size]
         rows = rows_host.to(self.device)
         rows_host = rows_host.numpy()
@@ -150,10 +190,11 @@ class TrainBatchSampler:
         for i in range(len(self)):
             part = slice(i * self.local_batch, (i + 1) * self.local_batch)
             idx, key = rows[part], keys[part]
+            width = self._width(global_rows, i)
             targets = int(self._row_targets[rows_host[part]].sum())
-            bucket = min(math.ceil(max(targets, 1) / TARGET_BUCKET) * TARGET_BUCKET, idx.numel() * self._positions)
+            bucket = min(math.ceil(max(targets, 1) / TARGET_BUCKET) * TARGET_BUCKET, idx.numel() * width)
             user = s.train_user[idx]
-            inp, pos = s.train_input[idx], s.train_target[idx]
+            inp, pos = s.train_input[:, -width:][idx], s.train_target[:, -width:][idx]
             neg = sample_negatives(s.seen_sorted[user], s.seen_count[user], pos, s.num_items,
                                    KeyedDraws(key, Streams.NEGATIVES))
             batch = {"input_ids": inp, "target_pos": pos, "target_rows": target_rows(pos, bucket),
@@ -170,6 +211,8 @@ class TrainBatchSampler:
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "batch_size": self.batch_size, "with_views": self.with_views,
                 "ratios": list(self.ratios), "pad_ranks": self.pad_ranks,
+                "group_by_length": self.group_by_length, "group_batches": self.group_batches,
+                "width_buckets": None if self.width_buckets is None else list(self.width_buckets),
                 "num_rows": self.num_rows, "last_epoch": self._last_epoch}
 
     def load_state_dict(self, state: dict) -> None:

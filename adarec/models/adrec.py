@@ -156,6 +156,9 @@ class ADRec(nn.Module):
     """forward(batch) -> (loss, {"ce", "mse"}); score(input_ids) -> [B, N+2] (module docstring)."""
 
     needs_views = False
+    # Real positions attend to the padding on their left (the public code's mask), so outputs
+    # depend on a batch's padding width: its batches keep max_len (docs/method.md, "Trimmed batches").
+    trims_batches = False
     # The CE implementation; build_model replaces it with one from the kernels config.
     item_ce = ItemCrossEntropy()
 

@@ -66,9 +66,29 @@ def gumbel_from_uniform(uniform: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(uniform))
 
 
+def gru_from_first_item(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The states [B, W, H] of a batch-first GRU run over each left-padded row of x [B, W, F]
+    starting at its first item (state 0 there), zero on the padding.
+
+    Running the GRU over the left padding would make the state at the first item depend on how
+    many padding columns precede it, so on the batch's width. Each row is rotated left by its
+    padding (items first), run, and rotated back; the rotated-in padding lies after the last item
+    and only changes states that are never read. Two gathers, no host sync, no packed sequence.
+    `lengths` [B]: the items per row (they are the last `lengths` columns)."""
+    width = x.shape[1]
+    pad = (width - lengths)[:, None]
+    cols = torch.arange(width, device=x.device)[None, :]
+    items_first = ((cols + pad) % width)[..., None]
+    states, _ = gru(x.gather(1, items_first.expand(-1, -1, x.shape[2])))
+    back = ((cols - pad) % width)[..., None]
+    out = states.gather(1, back.expand(-1, -1, states.shape[2]))
+    return out * (cols >= pad)[..., None].to(out.dtype)
+
+
 class LengthAwareGRU(nn.Module):
     """logits[i] = W prefix_mean(GRU([E^0 ; v_len]))[i] + b, v_len[i] an embedding of the number
-    of items seen up to i: [B, L, outputs], position i reads positions <= i only.
+    of items seen up to i: [B, L, outputs], position i reads positions <= i only. The GRU starts at
+    each row's first item (gru_from_first_item), so nothing depends on the padding before it.
 
     The summary both controllers read a sequence with (ADARec's depth controller here, the dual
     model's weights over its noised copies in dual.py).
@@ -82,8 +102,10 @@ class LengthAwareGRU(nn.Module):
         self.head = nn.Linear(hidden, outputs)
 
     def forward(self, e0: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        seen = (input_ids > 0).long().cumsum(1).clamp(max=self.max_len)
-        states, _ = self.gru(torch.cat([e0, self.length_embedding(seen)], dim=-1))
+        items = (input_ids > 0).long()
+        seen = items.cumsum(1).clamp(max=self.max_len)
+        inputs = torch.cat([e0, self.length_embedding(seen)], dim=-1)
+        states = gru_from_first_item(self.gru, inputs, items.sum(1))
         return self.head(prefix_mean(states, input_ids)).float()
 
 
@@ -103,7 +125,7 @@ class DepthController(LengthAwareGRU):
         logits = self.logits(e0, input_ids)
         if self.training:
             draws = as_draws(generator, logits.shape[0], logits.device)
-            gumbel = gumbel_from_uniform(draws.uniform(tuple(logits.shape[1:])))
+            gumbel = gumbel_from_uniform(draws.uniform(tuple(logits.shape[1:]), align_right=True))
             probs = F.softmax((logits + gumbel) / self.tau, dim=-1)
         else:
             probs = F.softmax(logits, dim=-1)

@@ -61,8 +61,10 @@ class NoisedELCRec(ELCRec):
         if row_keys is None:
             noise = torch.randn((count, *e0.shape), device=e0.device, dtype=e0.dtype)
         else:
-            noise = KeyedDraws(row_keys, self.noise_stream).normal((count, *e0.shape[1:]), e0.dtype)
-            noise = noise.transpose(0, 1)                                # [copies, B, L, D]
+            # Keyed by position from the right (a trimmed batch draws the same numbers).
+            noise = KeyedDraws(row_keys, self.noise_stream).normal((e0.shape[1], count, e0.shape[2]), e0.dtype,
+                                                                   align_right=True)
+            noise = noise.permute(2, 0, 1, 3)                            # [copies, B, L, D]
         copies = self.sqrt_abar.to(e0.dtype)[:, None, None, None] * e0 + \
             self.sqrt_one_minus_abar.to(e0.dtype)[:, None, None, None] * noise   # [copies, B, L, D]
         mixed = torch.einsum("blc,cbld->bld", weights.to(e0.dtype), copies)
@@ -104,6 +106,10 @@ class ScoreAverage(nn.Module):
     @property
     def never_rank(self):
         return next(iter(self.members.values())).never_rank
+
+    @property
+    def trims_batches(self) -> bool:
+        return all(getattr(m, "trims_batches", True) for m in self.members.values())
 
     # The mean of the members' scores is one inner product of concatenated factors:
     # mean_m q_m . e_m = [q_1/M, ..., q_M/M] . [e_1, ..., e_M] (adarec/models/scoring.py).

@@ -18,20 +18,28 @@ from torch import nn
 from adarec.errors import ConfigError
 from adarec.profiling import nvtx
 
+from .encoder import masked_mean
 from .losses import cluster_loss, nt_xent
 from .sasrec import SASRec
 
 log = logging.getLogger(__name__)
 
 
-def sequence_mean(hidden: torch.Tensor) -> torch.Tensor:
-    """ELCRec's sequence representation: the mean over all L positions, padding included.
+def sequence_mean(hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """ELCRec's sequence representation: the mean of the outputs over the item positions.
 
-    This is the reference's "mean" representation, and the loss weights (trade_off 10 on
-    Beauty) were tuned with it: most of the cluster term's pull then falls on padding outputs.
-    Pooling only the item positions aims all of it at them and slows learning badly.
-    """
-    return hidden.mean(1)
+    The reference averages all L positions, padding included, so its representation (and the
+    cluster and intent terms built on it) depends on padding outputs, which depend on how much
+    padding a batch has. Averaging the item positions only makes it a function of the items,
+    the same in a batch trimmed to its longest row (docs/method.md 2.5 and "Deviations from the
+    reference code", with the measured effect)."""
+    return masked_mean(hidden, input_ids)
+
+
+def item_positions_only(out: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """out [B, L, D'] with the non-item positions zeroed: a flattened view then holds the same
+    numbers, and its dot products the same values, whatever the batch's padding width."""
+    return out * (input_ids > 0).unsqueeze(-1).to(out.dtype)
 
 
 class ELCRec(SASRec):
@@ -53,7 +61,7 @@ class ELCRec(SASRec):
         Kept separate from forward so that models built on this backbone (ADARec) reuse it.
         """
         centers = F.normalize(self.intent_centers.float(), dim=-1)
-        pooled = F.normalize(sequence_mean(hidden).float(), dim=-1)
+        pooled = F.normalize(sequence_mean(hidden, batch["input_ids"]).float(), dim=-1)
         terms = {"cluster": cluster_loss(pooled, centers)}
         # Intent of each user: its nearest centre (a hard, non-differentiable assignment).
         intent = (pooled.detach() @ centers.detach().t()).argmax(1)
@@ -61,9 +69,9 @@ class ELCRec(SASRec):
         views = torch.cat([batch["view1"], batch["view2"]])
         view_out = self.encoder(views)
         n = batch["view1"].shape[0]
-        flat = self.with_prototypes(view_out, centers).flatten(1)
+        flat = item_positions_only(self.with_prototypes(view_out, centers), views).flatten(1)
         terms["instance_cl"] = nt_xent(flat[:n], flat[n:], self.temperature)
-        view_pooled = sequence_mean(view_out)
+        view_pooled = sequence_mean(view_out, views)
         own_center = F.embedding(intent, centers)
         terms["intent_cl"] = 0.5 * (
             nt_xent(own_center, view_pooled[:n], self.temperature, groups=intent)
@@ -107,7 +115,7 @@ class ELCRec(SASRec):
         pooled = []
         for start in range(0, split.train_input.shape[0], batch_size):
             ids = split.train_input[start:start + batch_size].to(device)
-            pooled.append(F.normalize(sequence_mean(self.encoder(ids)).float(), dim=-1).cpu())
+            pooled.append(F.normalize(sequence_mean(self.encoder(ids), ids).float(), dim=-1).cpu())
         x = np.ascontiguousarray(torch.cat(pooled).numpy(), dtype=np.float32)
         k = self.intent_centers.shape[0]
         if x.shape[0] < k:

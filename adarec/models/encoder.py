@@ -18,18 +18,21 @@ LAYER_NORM_EPS = 1e-12
 def attention_mask(input_ids: torch.Tensor, causal: torch.Tensor | None = None) -> torch.Tensor:
     """Bool [B, 1, L, L]: True where query i may attend key j (j <= i and key j is an item).
 
-    A query with no allowed key (a padding position left of every item) attends to every key
-    uniformly, which is what the reference code's additive -10000 mask produces; it keeps those
-    rows finite (SDPA returns NaN for an all-False row) and makes padding outputs, which the
-    ELCRec representation averages over, match the reference. Real queries never see padding.
-    `causal` is a precomputed lower-triangular [>= L, >= L] bool (its last L rows and columns are
-    used: sequences are left-padded).
+    A query with no allowed key (a padding position left of every item) attends to itself only:
+    SDPA returns NaN for an all-False row, and attending to itself keeps its output a function of
+    its own position, independent of the user and of how many padding columns the batch has.
+    (The reference code's additive -10000 mask makes such a row attend to every key uniformly,
+    items included; nothing reads padding outputs here, docs/method.md, "Trimmed batches".) Real
+    queries never see padding. `causal` is a precomputed lower-triangular [>= L, >= L] bool (its
+    last L rows and columns are used: sequences are left-padded).
     """
     length = input_ids.shape[1]
     if causal is None:
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
-    allowed = causal[-length:, -length:] & (input_ids > 0)[:, None, None, :]
-    return allowed | ~allowed.any(-1, keepdim=True)
+    causal = causal[-length:, -length:]
+    allowed = causal & (input_ids > 0)[:, None, None, :]
+    own = torch.eye(length, dtype=torch.bool, device=input_ids.device)
+    return allowed | (own & ~allowed.any(-1, keepdim=True))
 
 
 class TransformerBlock(nn.Module):
@@ -90,8 +93,13 @@ class SequenceEncoder(nn.Module):
             module.bias.data.zero_()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The sequence embedding E^0 [B, L, D]."""
-        x = self.item_embeddings(input_ids) + self.position_embeddings.weight[: input_ids.shape[1]][None]
+        """The sequence embedding E^0 [B, W, D] of a batch of width W <= max_len.
+
+        Sequences are left-padded, so column c of a width-W batch is column c + max_len - W of
+        the full width: it takes that position's embedding, the last one for the newest item
+        whatever the width (docs/method.md, "Trimmed batches")."""
+        width = input_ids.shape[1]
+        x = self.item_embeddings(input_ids) + self.position_embeddings.weight[self.max_len - width:][None]
         return self.embed_dropout(self.embed_norm(x))
 
     def encode(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,8 @@ class Recommender:
         out: list[Recommendation] = []
         for start in range(0, len(histories), self.batch_size):
             stop = start + self.batch_size
-            inputs = padded_inputs(items, ends[start:stop], lengths[start:stop], self.served.keep, self.served.width)
+            inputs = padded_inputs(items, ends[start:stop], lengths[start:stop], self.served.keep,
+                                   self.served.batch_width(lengths[start:stop]))
             queries = self.served.queries(inputs)
             seen = [np.unique(h) for h in histories[start:stop]]
             count = min(k + max(len(s) for s in seen), self.num_items)

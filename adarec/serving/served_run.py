@@ -16,6 +16,7 @@ import torch
 
 from adarec.config import RunConfig, resolve_data_path
 from adarec.data.io import UserSequences, read_sequences
+from adarec.data.length_groups import bucket_width
 from adarec.data.split import input_layout
 from adarec.engine.distributed import pick_device
 from adarec.engine.run_model import load_model, read_run_config
@@ -38,6 +39,12 @@ class ServedRun:
     @property
     def num_items(self) -> int:
         return int(self.sequences.num_items)
+
+    def batch_width(self, lengths: np.ndarray) -> int:
+        """Columns of a query batch whose histories have these lengths: trimmed to the longest
+        (data.width_buckets) unless the model reads padding; the queries are the same either way."""
+        buckets = self.cfg.data.width_buckets if getattr(self.model, "trims_batches", True) else None
+        return bucket_width(int(np.minimum(lengths, self.keep).max(initial=0)), buckets, self.width)
 
     @torch.no_grad()
     def item_vectors(self) -> np.ndarray:
