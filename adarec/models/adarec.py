@@ -37,6 +37,7 @@ from adarec.profiling import nvtx
 from .controller import DepthController
 from .elcrec import ELCRec
 from .encoder import prefix_mean
+from .losses import per_target_scaled
 
 # The fixed evaluation noise (model.eval_noise=fixed) is one draw from this seed, independent of
 # the run's seed so that every checkpoint of every run is scored against the same draw.
@@ -240,7 +241,8 @@ class ADARec(ELCRec):
         active_last = packed.pair_level <= depths[packed.pair_user]
         terms = {
             "rec": self.rec_loss(out["h"], batch),
-            "deno": out["l_deno"],
+            # A mean over item positions: length-grouped batches weigh it like L_rec.
+            "deno": per_target_scaled(out["l_deno"], batch),
             "cont": coarse_contrastive_loss(out["coarse"][:, -1], packed, depths, self.max_depth,
                                             self.cont_temperature, active_last),
             "expl": decision.exploration,
