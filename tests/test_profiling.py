@@ -189,3 +189,14 @@ def test_trimming_table_compares_layouts_and_takes_later_folders_first(tmp_path)
     lines = trimming_table.table(rows).splitlines()
     assert "| sasrec | fp32 | 30.0 | 10.0 | 3.00x |" in lines[3]
     assert "| diffurec | fp32 | 40.0 | 40.0 | 1.00x |" in lines[2]
+
+
+def test_flop_count_reports_the_epoch_and_a_floor_below_it():
+    from adarec.profiling import flop_count
+
+    row = flop_count.main(["--config", str(REPO / "configs/sasrec_beauty.yaml"), "--steps", "2",
+                           "--set", *TINY, "train.batch_size=16"])
+    assert row["steps_per_epoch"] == 8                      # 120 users, batch 16
+    assert 0 < row["epoch_tflop_floor"] < row["epoch_tflop_computed"]
+    assert 0 <= row["floor_padding_frac"] < row["padding_frac"] < 1
+    assert row["floor_seconds"] == pytest.approx(row["epoch_tflop_floor"] * 1e12 / (143.0 * 1e9))
