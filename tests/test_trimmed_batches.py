@@ -172,6 +172,30 @@ def test_training_terms_do_not_depend_on_the_batch_width(beauty, name):
     assert_terms_equal(members, batch_pairs(split, any(n.needs_views for n in members.values())))
 
 
+def test_elcrec_views_are_encoded_as_the_reference_encodes_them(beauty):
+    """ELCRec's views (docs/method.md 2.5): full width, and the reference's additive -10000 mask,
+    under which a padding query with no earlier item attends to every key uniformly. Rebuilt here
+    by hand, the additive mask gives the encoder's outputs; the default mask does not (padding
+    queries attend to themselves), and the two agree at item positions."""
+    _, split = beauty
+    net = next(iter(build("elcrec", split).values())).eval()
+    views = next(iter(batch_pairs(split, True, count=1)))[1]["view1"]
+    full = torch.nn.functional.pad(views, (split.max_len - views.shape[1], 0))
+    encoder = net.encoder
+    length = full.shape[1]
+    keep = torch.ones(length, length, dtype=torch.bool).tril()[None, None] & (full > 0)[:, None, None, :]
+    additive = (~keep).float() * -10000.0
+    x = encoder.embed(full)
+    for block in encoder.blocks:
+        x = block(x, additive)
+    torch.testing.assert_close(encoder(full, reference_padding=True), x, rtol=1e-5, atol=1e-5)
+    default = encoder(full)
+    items = (full > 0).unsqueeze(-1)
+    torch.testing.assert_close(torch.where(items, default, 0.0), torch.where(items, x, 0.0), rtol=1e-5, atol=1e-5)
+    padding = (full == 0)
+    assert padding.any() and not torch.allclose(default[padding], x[padding], atol=1e-3)
+
+
 def test_adarec_fused_trajectory_terms_and_outputs_do_not_depend_on_the_width(beauty):
     _, split = beauty
     (net,) = build("adarec", split, "fused").values()

@@ -36,12 +36,6 @@ def sequence_mean(hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor
     return masked_mean(hidden, input_ids)
 
 
-def item_positions_only(out: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """out [B, L, D'] with the non-item positions zeroed: a flattened view then holds the same
-    numbers, and its dot products the same values, whatever the batch's padding width."""
-    return out * (input_ids > 0).unsqueeze(-1).to(out.dtype)
-
-
 class ELCRec(SASRec):
     needs_views = True
 
@@ -66,12 +60,21 @@ class ELCRec(SASRec):
         # Intent of each user: its nearest centre (a hard, non-differentiable assignment).
         intent = (pooled.detach() @ centers.detach().t()).argmax(1)
 
+        # The views are encoded at the full width with the reference code's padding attention
+        # (a padding query attends to every key): their padding outputs pool the view, the
+        # flattened outputs are dominated by those pools, and the instance contrast is the
+        # reference's. Built from the trimmed views by padding them back on the left, so the terms
+        # do not depend on the batch's width. On views cut to the batch width, or with padding
+        # that carries nothing of the user, most views keep one or two item positions (a crop
+        # keeps 20% of the items, a mask 30%), the contrast stays at chance and validation stops
+        # improving early (measured, docs/method.md 2.5).
         views = torch.cat([batch["view1"], batch["view2"]])
-        view_out = self.encoder(views)
+        views = F.pad(views, (self.encoder.max_len - views.shape[1], 0))
+        view_out = self.encoder(views, reference_padding=True)
         n = batch["view1"].shape[0]
-        flat = item_positions_only(self.with_prototypes(view_out, centers), views).flatten(1)
+        flat = self.with_prototypes(view_out, centers).flatten(1)
         terms["instance_cl"] = nt_xent(flat[:n], flat[n:], self.temperature)
-        view_pooled = sequence_mean(view_out, views)
+        view_pooled = view_out.mean(1)     # the reference's mean over all L positions
         own_center = F.embedding(intent, centers)
         terms["intent_cl"] = 0.5 * (
             nt_xent(own_center, view_pooled[:n], self.temperature, groups=intent)

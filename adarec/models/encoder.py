@@ -15,24 +15,30 @@ from torch import nn
 LAYER_NORM_EPS = 1e-12
 
 
-def attention_mask(input_ids: torch.Tensor, causal: torch.Tensor | None = None) -> torch.Tensor:
+def attention_mask(input_ids: torch.Tensor, causal: torch.Tensor | None = None,
+                   reference_padding: bool = False) -> torch.Tensor:
     """Bool [B, 1, L, L]: True where query i may attend key j (j <= i and key j is an item).
 
     A query with no allowed key (a padding position left of every item) attends to itself only:
     SDPA returns NaN for an all-False row, and attending to itself keeps its output a function of
-    its own position, independent of the user and of how many padding columns the batch has.
-    (The reference code's additive -10000 mask makes such a row attend to every key uniformly,
-    items included; nothing reads padding outputs here, docs/method.md, "Trimmed batches".) Real
-    queries never see padding. `causal` is a precomputed lower-triangular [>= L, >= L] bool (its
-    last L rows and columns are used: sequences are left-padded).
+    its own position, independent of the user and of how many padding columns the batch has
+    (docs/method.md, "Trimmed batches"). With `reference_padding` it attends to every key
+    uniformly instead, items and padding, which is what the reference code's additive -10000 mask
+    produces: its output then pools the whole row, and ELCRec's contrast over full-width views
+    relies on that (section 2.5). Real queries never see padding either way. `causal` is a
+    precomputed lower-triangular [>= L, >= L] bool (its last L rows and columns are used:
+    sequences are left-padded).
     """
     length = input_ids.shape[1]
     if causal is None:
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
     causal = causal[-length:, -length:]
     allowed = causal & (input_ids > 0)[:, None, None, :]
+    stranded = ~allowed.any(-1, keepdim=True)
+    if reference_padding:
+        return allowed | stranded
     own = torch.eye(length, dtype=torch.bool, device=input_ids.device)
-    return allowed | (own & ~allowed.any(-1, keepdim=True))
+    return allowed | (own & stranded)
 
 
 class TransformerBlock(nn.Module):
@@ -102,15 +108,16 @@ class SequenceEncoder(nn.Module):
         x = self.item_embeddings(input_ids) + self.position_embeddings.weight[self.max_len - width:][None]
         return self.embed_dropout(self.embed_norm(x))
 
-    def encode(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run the Transformer stack on an embedded sequence; input_ids give the masks."""
-        mask = attention_mask(input_ids, self.causal)
+    def encode(self, x: torch.Tensor, input_ids: torch.Tensor, reference_padding: bool = False) -> torch.Tensor:
+        """Run the Transformer stack on an embedded sequence; input_ids give the masks
+        (`reference_padding`: see attention_mask)."""
+        mask = attention_mask(input_ids, self.causal, reference_padding)
         for block in self.blocks:
             x = block(x, mask)
         return x
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.encode(self.embed(input_ids), input_ids)
+    def forward(self, input_ids: torch.Tensor, reference_padding: bool = False) -> torch.Tensor:
+        return self.encode(self.embed(input_ids), input_ids, reference_padding)
 
 
 def masked_mean(x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
