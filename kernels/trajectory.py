@@ -51,6 +51,8 @@ Backward, in two kernels:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -440,11 +442,37 @@ def _config(d: int, h: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         rows, block_h = 16, block_h // 2
     block_h = min(block_h, max(16, triton.next_power_of_2(h)))
+    # From D = 256 on, the [R, BD] fp32 tiles a program holds outgrow the 255 registers a thread
+    # may have at 4 warps and spill to local memory: an sm_90 compile of the bf16 kernels keeps
+    # 1.6-2.1 KB of stack per thread. 8 warps and 16-wide hidden chunks cut it to 0.4-0.8 KB (fp32:
+    # 1.5-1.6 KB to 0.3-0.75 KB); none of the tilings that tl.dot allows removes it (that needs the
+    # hidden dimension split across programs). Measured by profiling/trajectory_tiling.py
+    # (docs/gpu_check.md); which spill-free-enough tiling is fastest is for a GPU to time.
+    num_warps = 4
+    if block_d >= 256:
+        block_h, num_warps = 16, 8
+    override = os.environ.get("ADAREC_TRAJECTORY_TILING")
+    if override:    # "R,BH,WARPS": for timing other tilings on a GPU (profiling/bench_trajectory.py)
+        rows, block_h, num_warps = _parse_tiling(override)
     # Under the interpreter, bf16/fp16 products run on fp32 copies of the rounded operands (see _dot).
     upcast = dtype != torch.float32 and triton_interpreter_enabled()
     # fp32 (and upcast) operands: IEEE products to match the eager twin (tl.dot defaults to TF32 on GPUs).
     precision = "ieee" if dtype == torch.float32 or upcast else None
-    return {"R": rows, "BD": block_d, "BH": block_h, "PRECISION": precision, "UPCAST": upcast}
+    return {"R": rows, "BD": block_d, "BH": block_h, "PRECISION": precision, "UPCAST": upcast,
+            "num_warps": num_warps}
+
+
+def _parse_tiling(text: str) -> tuple[int, int, int]:
+    try:
+        rows, block_h, warps = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"ADAREC_TRAJECTORY_TILING={text!r}: expected R,BH,WARPS, e.g. 16,16,8") from None
+    ok = (rows >= 16 and block_h >= 16 and warps in (1, 2, 4, 8, 16)
+          and all(v & (v - 1) == 0 for v in (rows, block_h)))
+    if not ok:
+        raise ValueError(f"ADAREC_TRAJECTORY_TILING={text!r}: R and BH must be powers of two >= 16 (tl.dot's "
+                         "smallest tile) and WARPS one of 1, 2, 4, 8, 16")
+    return rows, block_h, warps
 
 
 def _weight_splits(device: torch.device, num_chunks: int, num_blocks: int) -> int:

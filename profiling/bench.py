@@ -53,7 +53,7 @@ from adarec.engine.distributed import setup_distributed
 from adarec.engine.evaluator import model_width_buckets
 from adarec.engine.trainer import Trainer
 from adarec.profiling import opcount
-from adarec.profiling.timing import add_speedups, environment, synchronize, write_tables
+from adarec.profiling.timing import RowWriter, add_speedups, environment, synchronize
 
 from adarec.config import apply_overrides, load_config
 from adarec.data.length_groups import evaluation_batches, padding_fraction, sequence_lengths
@@ -260,19 +260,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dist = setup_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     split = load_split(cfg, dist.device)
     env = environment(dist.device)
-    rows = []
+    # Each backend's row is on disk as soon as it is measured (a step killed at its time limit
+    # keeps the backends it finished).
+    writer = RowWriter(out, "bench")
     for backend in args.backends:
         try:
-            rows.append({**bench_backend(cfg, backend, split, dist, args, out), **env})
+            row = writer.add({**bench_backend(cfg, backend, split, dist, args, out), **env})
+            print(f"{backend}: {row['step_ms_median']:.1f} ms per step", flush=True)
         except Exception as exc:  # one backend failing must not lose the others' rows
             log.exception("backend %s failed", backend)
-            rows.append({"config": args.config_name, "backend": backend, "error": f"{type(exc).__name__}: {exc}",
-                         **env})
+            writer.add({"config": args.config_name, "backend": backend, "error": f"{type(exc).__name__}: {exc}",
+                        **env})
+    rows = writer.rows
     if not any("error" not in row for row in rows):
         raise SystemExit(f"every backend failed: {'; '.join(row['error'] for row in rows)}")
     measured = [row for row in rows if "error" not in row]
     add_speedups(measured, "step_ms_median")
-    paths = write_tables(rows, out, "bench")
+    paths = writer.finish()
     try:
         plot(measured, out / "bench.png")
     except ImportError as exc:   # a bare GPU machine may lack matplotlib; the tables are the record

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 import torch
-from adarec.profiling.timing import environment, summarize, time_callable, write_tables
+from adarec.profiling.timing import RowWriter, environment, summarize, time_callable
 
 from adarec.backends import linear_ce_function
 from adarec.config import EvalConfig, KernelsConfig
@@ -225,14 +225,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         total = (torch.cuda.mem_get_info(device)[0] / 2**30) if device.type == "cuda" else _available_gib()
         args.memory_limit_gib = total / 2
     env = environment(device)
-    rows = []
+    writer = RowWriter(args.out, "catalog")
     for case in cases(args):
         result = run_case(case, args.memory_limit_gib)
         row = {k: v for k, v in case.items() if k not in ("device", "repeats")}
-        rows.append({**row, **result, **env})
+        writer.add({**row, **result, **env})
         shown = f"{result['median_ms']:.1f} ms, {result['peak_mib']:.1f} MiB" if result["status"] == "ok" else ""
         print(f"{case['phase']:9s} {case['impl']:9s} N={case['items']:>9,d}  {result['status']} {shown}", flush=True)
-    paths = write_tables(rows, args.out, "catalog")
+    rows = writer.rows
+    paths = writer.finish()
     plot(rows, Path(args.out) / "catalog_memory.png")
     print(f"wrote {paths['md']} and {Path(args.out) / 'catalog_memory.png'}")
     return rows

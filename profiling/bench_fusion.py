@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 import torch
 import torch.nn.functional as F
-from adarec.profiling.timing import add_speedups, environment, peak_memory_mib, summarize, time_callable, write_tables
+from adarec.profiling.timing import RowWriter, add_speedups, environment, peak_memory_mib, summarize, time_callable
 
 from adarec.fusion import gated_fusion as eager_gated_fusion
 
@@ -80,14 +80,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shape = {"B": args.batch, "L": args.max_len, "D": args.dim, "T_max": args.max_depth,
              "pairs": inputs["m"].shape[0], "dtype": args.dtype}
     env = environment(device)
-    rows = []
+    writer = RowWriter(args.out, f"fusion_{args.dtype}_D{args.dim}_{device.type}")
     for name in args.backends:
         step = step_fn(impls[name], inputs, probe_h, probe_z)
         timing = summarize(time_callable(step, device, args.warmup, args.repeats))
-        rows.append({"op": "gated fusion fwd+bwd", "backend": name, **shape, **timing,
-                     "peak_mem_mib": peak_memory_mib(step, device), **env})
+        writer.add({"op": "gated fusion fwd+bwd", "backend": name, **shape, **timing,
+                    "peak_mem_mib": peak_memory_mib(step, device), **env})
+        print(f"{name}: {timing['median_ms']:.3f} ms", flush=True)
+    rows = writer.rows
     add_speedups(rows, "median_ms")
-    paths = write_tables(rows, args.out, f"fusion_{args.dtype}_D{args.dim}_{device.type}")
+    paths = writer.finish()
     print(paths["md"].read_text(), end="")
     return rows
 

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from adarec.profiling.timing import environment, summarize, time_callable, write_tables
+from adarec.profiling.timing import RowWriter, environment, summarize, time_callable
 
 from adarec.config import load_config
 from adarec.data import build_split, read_sequences
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     env = environment(device)
-    rows, baselines = [], {}
+    writer, baselines = RowWriter(args.out, "reverse"), {}
     for name, model_name, overrides, method in CASES:
         if model_name not in args.models:
             continue
@@ -66,10 +66,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         stats = summarize(time_callable(call, device, warmup=args.warmup, repeats=args.repeats))
         baselines.setdefault(model_name, stats["median_ms"])
-        rows.append({"case": name, "batch": inputs.shape[0], "dtype": args.dtype, **stats,
+        writer.add({"case": name, "batch": inputs.shape[0], "dtype": args.dtype, **stats,
                      "speedup_vs_first": baselines[model_name] / stats["median_ms"], **env})
         print(f"{name}: {stats['median_ms']:.1f} ms", flush=True)
-    paths = write_tables(rows, args.out, "reverse")
+    rows = writer.rows
+    paths = writer.finish()
     print(paths["md"].read_text(), end="")
     return rows
 

@@ -13,10 +13,12 @@ time and the peak memory above the inputs, per backend, with the speed-up over e
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 
 import numpy as np
 import torch
-from adarec.profiling.timing import add_speedups, environment, peak_memory_mib, summarize, time_callable, write_tables
+from adarec.profiling.timing import RowWriter, add_speedups, environment, peak_memory_mib, summarize, time_callable
 
 from adarec.data.io import read_sequences
 from adarec.diffusion import diffusion_trajectory, level_tables, pack_levels
@@ -65,6 +67,20 @@ def step_fn(fn, inputs: dict, grad_probe: torch.Tensor):
     return step
 
 
+@contextlib.contextmanager
+def tiling_override(tiling: str):
+    """ADAREC_TRAJECTORY_TILING set to `tiling` ("R,BH,WARPS") for the block; 'default' unsets it."""
+    before = os.environ.pop("ADAREC_TRAJECTORY_TILING", None)
+    if tiling != "default":
+        os.environ["ADAREC_TRAJECTORY_TILING"] = tiling
+    try:
+        yield
+    finally:
+        os.environ.pop("ADAREC_TRAJECTORY_TILING", None)
+        if before is not None:
+            os.environ["ADAREC_TRAJECTORY_TILING"] = before
+
+
 def backends(device: torch.device, requested: list[str]) -> dict:
     table = {"eager": diffusion_trajectory}
     if "fused" in requested:
@@ -89,6 +105,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tilings", nargs="+", default=["default"], metavar="R,BH,WARPS",
+                        help="fused backend: time each tiling of the kernels (ADAREC_TRAJECTORY_TILING; "
+                             "'default' is kernels/trajectory.py's own choice), one row each")
     parser.add_argument("--out", default="results/bench/trajectory")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -100,14 +119,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shape = {"B": args.batch, "L": args.max_len, "D": args.dim, "H": args.mult * args.dim,
              "T_max": args.max_depth, "pairs": pairs, "valid_rows": valid_rows, "dtype": args.dtype}
     env = environment(device)
-    rows = []
+    writer = RowWriter(args.out, f"trajectory_{args.dtype}_D{args.dim}")
     for name, fn in backends(device, args.backends).items():
-        step = step_fn(fn, inputs, probe)
-        timing = summarize(time_callable(step, device, args.warmup, args.repeats))
-        rows.append({"op": "trajectory fwd+bwd", "backend": name, **shape, **timing,
-                     "peak_mem_mib": peak_memory_mib(step, device), **env})
+        for tiling in args.tilings if name == "fused" else ["default"]:
+            with tiling_override(tiling):
+                step = step_fn(fn, inputs, probe)
+                timing = summarize(time_callable(step, device, args.warmup, args.repeats))
+                memory = peak_memory_mib(step, device)
+            writer.add({"op": "trajectory fwd+bwd", "backend": name, "tiling": tiling, **shape, **timing,
+                        "peak_mem_mib": memory, **env})
+            print(f"{name} ({tiling}): {timing['median_ms']:.3f} ms", flush=True)
+    rows = writer.rows
     add_speedups(rows, "median_ms")
-    paths = write_tables(rows, args.out, f"trajectory_{args.dtype}_D{args.dim}")
+    paths = writer.finish()
     print(paths["md"].read_text(), end="")
     return rows
 

@@ -36,24 +36,30 @@ set -u
 # -- the steps, in priority order ---------------------------------------------------------------
 # name               timeout(s)  command (run with bash -c; $PY is the python, $STEP_DIR the
 #                                step's own folder in the work folder, the repository is the cwd)
-# The timeouts add up to 460 s, a little over the budget: a check where every step runs into its
-# timeout cuts the last one short rather than overrunning the 8 minutes. The install allows a
-# system-wide install because a distribution's python3 may refuse one (PEP 668) and the machine is
-# thrown away afterwards; every later step imports adarec.* through that editable install.
+# Order: within the first four minutes the versions, the native build, one correctness pass per
+# kernel (kernels_fast) and the whole-step benchmark of adarec and adarec-dual at README settings;
+# everything else after. Each timeout is a cold start (python, torch, DeepSpeed: about 8 s) plus
+# the Triton compiles the step is the first to need, measured ahead of time for sm_90 by
+# profiling/aot_compile.py (results/bench/aot_sm90/steps.md), plus its run time, with a margin;
+# docs/gpu_check.md has the arithmetic. They add up to at most 450 s (the budget): a check where
+# every step runs into its timeout still ends within the 8 minutes.
+# The pytest steps run verbosely, with a per-test timeout (ADAREC_TEST_TIMEOUT) and each failure's
+# short traceback printed as it happens (ADAREC_TB_AS_YOU_GO, tests/conftest.py), the most
+# valuable tests first; every benchmark writes each row as soon as it is measured
+# (profiling/timing.py RowWriter), so a step cut off at its timeout keeps what it finished.
 STEPS='
 environment          10  env_report
-install             125  PIP_BREAK_SYSTEM_PACKAGES=1 $PY -m pip install --no-build-isolation --no-deps -e . || { echo "the native build failed: installing without it so that the Python steps still run"; ADAREC_NO_EXT=1 PIP_BREAK_SYSTEM_PACKAGES=1 $PY -m pip install --no-build-isolation --no-deps -e .; exit 1; }
-kernels              45  $PY -m pytest -q -m gpu tests/test_trajectory_kernel.py
-fusion_op            25  $PY -m pytest -q -m gpu tests/test_gated_fusion_op.py
-gpu_tests            30  $PY -m pytest -q -m gpu tests --ignore=tests/test_trajectory_kernel.py --ignore=tests/test_gated_fusion_op.py
-bench_catalog        25  $PY -m adarec.profiling.bench_catalog --device cuda --dtype bf16 --rows 12800 --users 1024 --items 12101 100000 1000000 --repeats 5 --out "$STEP_DIR"
-catalog_1m           35  $PY -m adarec.data.synthetic --items 1000000 --users 20000 --mean-length 40 --output "$STEP_DIR/synthetic_1m.txt" && $PY -m adarec train --config configs/sasrec_synthetic1m.yaml --output-dir "$STEP_DIR/run" --set data.path="$STEP_DIR/synthetic_1m.txt" train.epochs=1 train.precision=bf16 kernels.backend=fused
-bench_trajectory     15  $PY -m adarec.profiling.bench_trajectory --out "$STEP_DIR"
+install              85  install_project
+kernels_fast         70  ADAREC_TEST_TIMEOUT=45 ADAREC_TB_AS_YOU_GO=1 $PY -m pytest -v --tb=short -p no:cacheprovider tests/test_trajectory_kernel.py::test_bf16_matches_fp32_reference_within_twice_eager_bf16_error[256] tests/test_trajectory_kernel.py::test_fp32_rng_path_runs_compiled_and_is_reproducible tests/test_linear_ce.py::test_triton_kernels_bf16_on_gpu[shape0] tests/test_gated_fusion_op.py::test_cuda_bf16_within_twice_the_eager_bf16_error
+bench_adarec         45  $PY -m adarec.profiling.bench --config configs/adarec_beauty.yaml --backends eager fused autocast graphs --steps 10 --repeats 3 --eval-repeats 1 --trace-summary --out "$STEP_DIR" --set model.kmeans_init=false
+bench_adarec_dual    30  $PY -m adarec.profiling.bench --config configs/adarec-dual_beauty.yaml --backends eager fused autocast graphs --steps 10 --repeats 3 --eval-repeats 1 --trace-summary --out "$STEP_DIR" --set model.kmeans_init=false
+gpu_tests            60  ADAREC_TEST_TIMEOUT=40 ADAREC_TB_AS_YOU_GO=1 $PY -m pytest -v --tb=short -p no:cacheprovider -m gpu tests/test_graphed_step.py tests/test_linear_ce.py tests/test_trajectory_kernel.py tests/test_custom_ops.py tests/test_draw_extremes.py tests/test_gated_fusion_op.py tests/test_engine_gpu.py --deselect tests/test_trajectory_kernel.py::test_bf16_matches_fp32_reference_within_twice_eager_bf16_error[256] --deselect tests/test_trajectory_kernel.py::test_fp32_rng_path_runs_compiled_and_is_reproducible --deselect tests/test_linear_ce.py::test_triton_kernels_bf16_on_gpu[shape0] --deselect tests/test_gated_fusion_op.py::test_cuda_bf16_within_twice_the_eager_bf16_error
+bench_trajectory     20  $PY -m adarec.profiling.bench_trajectory --tilings default 16,32,4 16,16,16 --out "$STEP_DIR"
 bench_fusion         10  $PY -m adarec.profiling.bench_fusion --out "$STEP_DIR"
-bench_adarec         45  $PY -m adarec.profiling.bench --config configs/adarec_beauty.yaml --backends eager fused autocast graphs --steps 10 --repeats 3 --trace-summary --out "$STEP_DIR" --set model.kmeans_init=false
-bench_adarec_dual    25  $PY -m adarec.profiling.bench --config configs/adarec-dual_beauty.yaml --backends eager fused autocast graphs --steps 10 --repeats 3 --trace-summary --out "$STEP_DIR" --set model.kmeans_init=false
-deepspeed_bf16       25  $PY -m adarec train --config configs/adarec_beauty.yaml --output-dir "$STEP_DIR/run" --set train.epochs=1 train.precision=bf16 train.bf16_mode=deepspeed kernels.backend=fused
-zero_bf16            15  for stage in 1 2; do $PY -m adarec train --config configs/adarec_beauty.yaml --output-dir "$STEP_DIR/zero$stage" --set train.epochs=1 data.max_users=3000 train.precision=bf16 train.zero_stage=$stage kernels.backend=fused || exit; done
+bench_catalog        25  $PY -m adarec.profiling.bench_catalog --device cuda --dtype bf16 --rows 12800 --users 1024 --items 12101 100000 1000000 --repeats 5 --out "$STEP_DIR"
+catalog_1m           25  $PY -m adarec.data.synthetic --items 1000000 --users 20000 --mean-length 40 --output "$STEP_DIR/synthetic_1m.txt" && $PY -m adarec train --config configs/sasrec_synthetic1m.yaml --output-dir "$STEP_DIR/run" --set data.path="$STEP_DIR/synthetic_1m.txt" train.epochs=1 train.precision=bf16 kernels.backend=fused
+deepspeed_bf16       20  $PY -m adarec train --config configs/adarec_beauty.yaml --output-dir "$STEP_DIR/run" --set train.epochs=1 train.precision=bf16 train.bf16_mode=deepspeed kernels.backend=fused
+zero_bf16            20  for stage in 1 2; do $PY -m adarec train --config configs/adarec_beauty.yaml --output-dir "$STEP_DIR/zero$stage" --set train.epochs=1 data.max_users=3000 train.precision=bf16 train.zero_stage=$stage kernels.backend=fused || exit; done
 bench_peers          15  $PY -m adarec.profiling.bench_reverse --batch 1024 --dtype bf16 --repeats 3 --out "$STEP_DIR"
 convergence          15  $PY -m adarec train --config configs/adarec_beauty_sparse5.yaml --output-dir "$STEP_DIR/run" --set train.epochs=2 kernels.backend=fused
 '
@@ -98,6 +104,9 @@ fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/adarec-gpu-check.XXXX") || exit 2
 : > "$WORK/steps.txt"      # the summary's step lines, finished steps only
 : > "$WORK/left_out.txt"   # files too big for results.tgz
+# What a step learns for the later ones (the install's JIT fallback): sourced before each command.
+export CHECK_ENV=$WORK/check_env.sh
+: > "$CHECK_ENV"
 : > "$OUT/log.txt"
 SECONDS=0
 STARTED=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
@@ -132,6 +141,48 @@ sys.exit(1 if bad else 0)
 "
 }
 export -f env_report
+
+install_missing() {  # fallback wheels (.whl/fallback, profiling/device_wheels.sh) for what the machine lacks
+    # Only what does not import already: a carried wheel never shadows the machine's own pytest
+    # or setuptools. DeepSpeed's own imports (py-cpuinfo, msgpack, einops, pynvml) are among them.
+    local dir=.whl/fallback pair missing=()
+    [ -d "$dir" ] || { echo "no .whl/fallback: nothing to add"; return 0; }
+    for pair in pytest:pytest yaml:pyyaml setuptools:setuptools wheel:wheel cpuinfo:py-cpuinfo msgpack:msgpack \
+                einops:einops pynvml:nvidia-ml-py; do
+        "$PY" -c "import ${pair%%:*}" 2> /dev/null || missing+=("${pair#*:}")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then echo "fallback wheels: none needed"; return 0; fi
+    echo "fallback wheels for: ${missing[*]}"
+    PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install -q --no-index --find-links "$dir" "${missing[@]}"
+}
+export -f install_missing
+
+install_project() {  # the native build for the visible GPU; else the JIT build; else Python only
+    local cap rc=0
+    # One architecture, the GPU's own: a build for torch's whole list takes minutes.
+    cap=$(timeout 15 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2> /dev/null | head -n 1 | tr -d ' ')
+    [ -n "$cap" ] && export TORCH_CUDA_ARCH_LIST=$cap
+    echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset}"
+    install_missing || echo "some fallback wheels did not install; going on"
+    if PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --no-build-isolation --no-deps -e .; then
+        "$PY" -c "import torch; from adarec import ops; ops.load_native(); \
+print('native ops loaded; CUDA kernel:', ops.native_supports(torch.device('cuda')))" 2>&1 | tail -n 1
+        return 0
+    fi
+    echo "the native build failed: installing without it, then trying torch's JIT build of the native ops"
+    ADAREC_NO_EXT=1 PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --no-build-isolation --no-deps -e . \
+        || { echo "the Python-only install failed too"; return 2; }
+    if "$PY" -c "from adarec import ops; ops.load_native(jit=True)"; then
+        echo "export ADAREC_JIT=1" >> "$CHECK_ENV"
+        echo "the JIT build works: later steps load it (ADAREC_JIT=1)"
+        rc=1
+    else
+        echo "no native ops: the Triton steps still run, the native fusion tests fail"
+        rc=1
+    fi
+    return $rc
+}
+export -f install_project
 
 # What a dry-run step runs instead of its command: the plan, then the fake outcome if one is asked.
 # shellcheck disable=SC2016  # expanded by the step's own shell
@@ -260,7 +311,8 @@ run_step() {  # run_step NAME TIMEOUT COMMAND: run one step in its folder, then 
         STEP_PLAN=$shown STEP_FAKE=$(fake_for "$name") \
             timeout --kill-after="$KILL_AFTER" "$limit" bash -c "$STANDIN" > "$dir/output.txt" 2>&1 < /dev/null &
     else
-        STEP_DIR=$dir timeout --kill-after="$KILL_AFTER" "$limit" bash -c "$cmd" > "$dir/output.txt" 2>&1 < /dev/null &
+        STEP_DIR=$dir timeout --kill-after="$KILL_AFTER" "$limit" bash -c ". \"\$CHECK_ENV\"; $cmd" \
+            > "$dir/output.txt" 2>&1 < /dev/null &
     fi
     STEP_PID=$!
     wait "$STEP_PID"

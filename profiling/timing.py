@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import io
 import json
 import os
 import statistics
@@ -88,7 +89,7 @@ def environment(device: torch.device) -> dict[str, str]:
         triton_version = "none"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"device": name, "torch": torch.__version__, "triton": triton_version,
-            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit()}
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit()}
 
 
 def add_speedups(rows: list[dict], time_key: str, baseline: str = "eager") -> None:
@@ -104,18 +105,55 @@ def _cell(value) -> str:
     return "n/a" if value is None else str(value)
 
 
+class RowWriter:
+    """A benchmark's rows kept on disk as they are measured, so a step killed at its time limit
+    leaves every finished row behind.
+
+    add(row) appends the row to <stem>.rows.jsonl (flushed and fsynced) and rewrites the tables
+    (<stem>.csv, .md, .json) with the rows so far; finish(rows) writes the final tables, e.g.
+    after speedups have been added. The jsonl is append-only: a rerun into the same folder adds
+    rows, it never loses the earlier ones.
+    """
+
+    def __init__(self, out_dir: str | Path, stem: str):
+        self.out, self.stem = Path(out_dir), stem
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+        self.jsonl = self.out / f"{stem}.rows.jsonl"
+
+    def add(self, row: dict) -> dict:
+        self.rows.append(row)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        write_tables(self.rows, self.out, self.stem)
+        return row
+
+    def finish(self, rows: list[dict] | None = None) -> dict[str, Path]:
+        return write_tables(self.rows if rows is None else rows, self.out, self.stem)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Through a temporary name and a rename: a kill mid-write leaves the previous complete file."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    os.replace(part, path)
+
+
 def write_tables(rows: list[dict], out_dir: str | Path, stem: str) -> dict[str, Path]:
     """rows -> <stem>.csv, <stem>.md (a markdown table) and <stem>.json under out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     paths = {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md", "json": out / f"{stem}.json"}
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomically(paths["csv"], buffer.getvalue())
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    paths["md"].write_text("\n".join(lines) + "\n")
-    paths["json"].write_text(json.dumps(rows, indent=2) + "\n")
+    _write_atomically(paths["md"], "\n".join(lines) + "\n")
+    _write_atomically(paths["json"], json.dumps(rows, indent=2, default=str) + "\n")
     return paths

@@ -11,30 +11,9 @@ import sys
 import adarec.kernels.trajectory as trajectory
 import torch
 import triton
+from adarec.profiling.trajectory_tiling import trajectory_signature as signature
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-INT32_POINTERS = {"row_user_ptr", "row_pos_ptr", "num_rows_ptr", "depth_ptr", "offsets_ptr"}
-FP32_POINTERS = {"sqrt_abar_ptr", "sqrt_1m_abar_ptr", "loss_part_ptr", "loss_coef_ptr", "deps_hat_ptr", "loss_w_ptr"}
-
-
-def signature(fn, dtype: str, constants: dict) -> dict:
-    types = {}
-    for name in inspect.signature(fn.fn).parameters:
-        if name in constants:
-            types[name] = "constexpr"
-        elif name in INT32_POINTERS:
-            types[name] = "*i32"
-        elif name in ("seed_ptr", "keys_ptr"):
-            types[name] = "*i64"
-        elif name in FP32_POINTERS or name.endswith("_part_ptr") or (fn is trajectory._noise_kernel
-                                                                       and name == "noise_ptr"):
-            types[name] = "*fp32"
-        elif name.endswith("_ptr"):
-            types[name] = "*" + dtype
-        else:
-            types[name] = "i32"
-    return types
 
 
 def compile_all(arch: int) -> int:
@@ -57,7 +36,7 @@ def compile_all(arch: int) -> int:
             src = ASTSource(fn, signature(fn, dtype, constants),
                             constexprs={(params.index(k),): v for k, v in constants.items()})
             try:
-                compiled = triton.compile(src, target=target)
+                compiled = triton.compile(src, target=target, options={"num_warps": cfg["num_warps"]})
                 print(f"ok {dtype} D={dim} keys={has_keys} {fn.fn.__name__} shared={compiled.metadata.shared}")
             except Exception as exc:  # report every kernel, then fail
                 failures += 1

@@ -2,6 +2,7 @@
 run with one intra-op thread."""
 
 import os
+import signal
 
 import pytest
 import torch
@@ -10,6 +11,48 @@ import torch
 # on before any kernel module is imported (the test modules import them lazily or after this).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_CONFIG = None
+
+
+def pytest_configure(config):
+    global _CONFIG
+    _CONFIG = config
+
+
+def pytest_runtest_logreport(report):
+    """ADAREC_TB_AS_YOU_GO=1 (the device check): a failure's traceback printed when it happens,
+    so a step killed at its time limit still shows why the tests before the kill failed."""
+    if not report.failed or os.environ.get("ADAREC_TB_AS_YOU_GO", "0") in ("", "0") or _CONFIG is None:
+        return
+    terminal = _CONFIG.pluginmanager.getplugin("terminalreporter")
+    if terminal is not None:
+        terminal.write_line(f"\n----- {report.nodeid} failed ({report.when}):")
+        terminal.write_line(report.longreprtext[-4000:])
+        terminal.write_line("-----")
+
+
+@pytest.fixture(autouse=True)
+def _per_test_timeout():
+    """ADAREC_TEST_TIMEOUT=N (the device check): a test still running after N seconds fails with
+    TimeoutError instead of eating the step's whole budget (a signal: it lands between Python
+    bytecodes, so a kernel that never returns still needs the step's own timeout)."""
+    limit = float(os.environ.get("ADAREC_TEST_TIMEOUT", "0") or 0)
+    if limit <= 0 or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"test still running after ADAREC_TEST_TIMEOUT={limit:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -23,7 +23,7 @@ from test_data_parallel import CASES, _run_worker  # noqa: E402
 def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
-    print(f"# date: {datetime.datetime.now(datetime.UTC):%Y-%m-%dT%H:%M:%SZ}  commit: {commit}  "
+    print(f"# date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}  commit: {commit}  "
           f"machine: {platform.machine()}, CPU only")
     print(f"# cases: {' '.join(CASES)}; 2 epochs, global batch 32, 90 users, dropout 0")
     with tempfile.TemporaryDirectory() as tmp:
