@@ -9,10 +9,11 @@ fused  the fused op, or a clear error saying why it cannot run here. On CPU the 
        run only under TRITON_INTERPRET=1 (tests).
 eager  the reference PyTorch functions in adarec/diffusion.py and adarec/fusion.py.
 
-The linear cross-entropy (adarec/linear_ce.py) has three implementations: eager (full logits),
-chunked (PyTorch, bounded memory) and fused (Triton). auto takes the Triton one on CUDA once a
-GPU run has verified it (LINEAR_CE_GPU_VERIFIED), else the chunked one when the catalog is larger
-than kernels.ce_item_chunk, else the eager one (one chunk would hold every item anyway).
+The linear cross-entropy (adarec/linear_ce.py) has four implementations: eager (full logits),
+kept-softmax (full logits, fewer passes over them), chunked (PyTorch, bounded memory) and fused
+(Triton). auto takes the Triton one on CUDA once a GPU run has verified it
+(LINEAR_CE_GPU_VERIFIED), else the chunked one when the catalog is larger than
+kernels.ce_item_chunk, else, on a CPU, the kept-softmax one and on CUDA the eager one.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ import torch
 from adarec.diffusion import diffusion_trajectory
 from adarec.errors import BackendError, UnknownBackend
 from adarec.fusion import gated_fusion
-from adarec.linear_ce import FUSED_MAX_WIDTH, chunked_linear_cross_entropy, linear_cross_entropy
+from adarec.linear_ce import (
+    FUSED_MAX_WIDTH,
+    chunked_linear_cross_entropy,
+    kept_softmax_linear_cross_entropy,
+    linear_cross_entropy,
+)
 
 BACKENDS = ("auto", "fused", "eager")
 ENV_VAR = "ADAREC_KERNELS"
@@ -163,4 +169,8 @@ def linear_ce_function(backend: str, device: torch.device, num_items: int, item_
         return fused
     if device.type == "cuda" and not LINEAR_CE_GPU_VERIFIED:
         _warn_once(_UNVERIFIED.format(op="linear cross-entropy (chunked PyTorch above kernels.ce_item_chunk)"))
-    return chunked_linear_cross_entropy if num_items > item_chunk else linear_cross_entropy
+    if num_items > item_chunk:
+        return chunked_linear_cross_entropy
+    # On a CPU the logits' memory passes cost as much as the products (docs/method.md, "Trimmed
+    # batches"); on CUDA the eager one until the kept-softmax one has been timed there.
+    return kept_softmax_linear_cross_entropy if device.type == "cpu" else linear_cross_entropy

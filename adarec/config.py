@@ -63,7 +63,7 @@ class DataConfig:
     group_batches: int = 50
     """Batches per length group (data.group_by_length): larger groups give more uniform lengths
     per batch, smaller ones more random batch compositions."""
-    width_buckets: list[int] | None = field(default_factory=lambda: [8, 16, 32])
+    width_buckets: list[int] | None = field(default_factory=lambda: [4, 8, 16, 32])
     """Every batch (training and evaluation) is trimmed to its longest row rounded up to one of
     these widths (max_len is always one); padding columns are cut, no item. null: batches keep
     max_len. Models whose reference code reads padding (diffurec, adrec) are never trimmed."""

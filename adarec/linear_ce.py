@@ -3,9 +3,15 @@
 loss_r = logsumexp_j(h_r . w_j) - h_r . w_{t_r}, for rows whose target t_r is not ignore_index,
 reduced by mean (over those rows) or sum, exactly what `F.cross_entropy(h @ W.T, t)` computes.
 
-Three implementations with one signature (docs/catalogs.md):
+Four implementations with one signature (docs/catalogs.md):
 - `linear_cross_entropy`: the eager twin and test oracle. It materialises the R x N logits
   (R x N x 4 bytes: 51 GB for 12,800 rows and a million items).
+- `kept_softmax_linear_cross_entropy` (here): the same full logits, turned in place into the
+  softmax the backward needs, with the log-sum-exp and the target's logit read on the way. Its
+  backward is one pass (softmax * g, minus g at the target) before the two products, where
+  F.cross_entropy's log-softmax, its backward and the one-hot fill pass over the R x N logits
+  about six times. What `auto` takes on a CPU for a catalogue that fits one item chunk: there the
+  CE of a small model is memory-bound (docs/method.md, "Trimmed batches", the CPU numbers).
 - `chunked_linear_cross_entropy` (here): plain PyTorch that walks the items in chunks. The
   forward keeps a running log-sum-exp per row; the backward recomputes each chunk's logits,
   turns them into softmax probabilities with the saved log-sum-exp and accumulates dH and dW
@@ -115,6 +121,46 @@ class _ChunkedRowLoss(torch.autograd.Function):
                 torch.mm(probs.t(), h32, out=grad_weight[start:start + ctx.item_chunk])
         return (grad_hidden.to(hidden.dtype) if need_hidden else None,
                 grad_weight.to(weight.dtype) if need_weight else None, None, None, None)
+
+
+class _KeptSoftmaxRowLoss(torch.autograd.Function):
+    """Per-row cross-entropy [R] (float32, 0 on ignored rows) from the full logits, keeping their
+    softmax (float32, R x N) for the backward instead of the logits."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                keep: torch.Tensor) -> torch.Tensor:
+        # A fresh tensor in either dtype (.float() of a float32 product is the product itself),
+        # so the in-place steps below touch nothing anyone else holds.
+        logits = (hidden @ weight.t()).float()
+        column = torch.where(keep, target, torch.zeros_like(target)).unsqueeze(1)
+        target_logit = logits.gather(1, column).squeeze(1)
+        peak = logits.amax(dim=1, keepdim=True)
+        probs = logits.sub_(peak).exp_()
+        total = probs.sum(dim=1, keepdim=True)
+        probs.div_(total)
+        lse = (peak + total.log()).squeeze(1)
+        ctx.save_for_backward(hidden, weight, column, keep, probs)
+        return torch.where(keep, lse - target_logit, torch.zeros_like(lse))
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        hidden, weight, column, keep, probs = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        g = torch.where(keep, grad_rows.float(), torch.zeros_like(grad_rows, dtype=torch.float32))
+        # (softmax - onehot) * g in a new tensor: the kept softmax serves a second backward too.
+        grad = (probs * g[:, None]).scatter_add_(1, column, -g[:, None]).to(hidden.dtype)
+        return (grad @ weight if need_hidden else None, grad.t() @ hidden if need_weight else None, None, None)
+
+
+def kept_softmax_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                                      ignore_index: int = -100, reduction: str = "mean",
+                                      item_chunk: int | None = None):
+    """The loss of `linear_cross_entropy` with fewer passes over the logits (module docstring);
+    item_chunk is accepted for a common signature and unused."""
+    check_inputs(hidden, weight, target, reduction)
+    keep = target_mask(target, ignore_index, weight.shape[0])
+    return reduce_rows(_KeptSoftmaxRowLoss.apply(hidden, weight, target, keep), keep, reduction)
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,

@@ -156,6 +156,7 @@ class Trainer:
             pad_ranks=dist.world_size > 1,
             group_by_length=cfg.data.group_by_length and self.width_buckets is not None,
             group_batches=cfg.data.group_batches, width_buckets=self.width_buckets,
+            target_bucket=None if self.device.type == "cuda" else 1,
         )
         self.state = TrainState(members={name: MemberState() for name in members})
         self.runlog = RunLog(self.run_dir, enabled=dist.is_main)

@@ -4,6 +4,7 @@
 # (model, precision, layout) under OUT/<model>_<precision>_<layout>/.
 #
 #   bash profiling/bench_trimming.sh results/bench/trimming_cpu [model ...]
+#   LAYOUTS=after EVAL_REPEATS=0 bash profiling/bench_trimming.sh ...   # one layout, no validation pass
 #
 # "before" is data.width_buckets=null data.group_by_length=false (every batch at max_len, as
 # before trimming existed), timed on blocks of steps (random batches are all about max_len wide);
@@ -23,9 +24,10 @@ declare -A EXTRA=([adrec]="model.pretrain_epochs=0")
 
 for model in "${MODELS[@]}"; do
   for precision in fp32 bf16; do
-    layouts=(before after)
+    read -r -a layouts <<< "${LAYOUTS:-before after}"
     # DiffuRec and ADRec read padding (their public code) and are never trimmed: one layout.
     case $model in diffurec|adrec) layouts=(after) ;; esac
+    evals=${EVAL_REPEATS:-1}
     for layout in "${layouts[@]}"; do
       sets=("train.precision=$precision" ${EXTRA[$model]:-})
       timing=(--steps "${STEPS[$model]}" --repeats 3 --warmup 1)
@@ -37,7 +39,7 @@ for model in "${MODELS[@]}"; do
       dir="$OUT/${model}_${precision}_${layout}"
       echo "== $model $precision $layout $(date -u +%FT%TZ)"
       python -m adarec.profiling.bench --config "configs/${model}_beauty.yaml" --backends auto \
-          --eval-repeats 1 "${timing[@]}" --set "${sets[@]}" --out "$dir" > "$dir.log" 2>&1 \
+          --eval-repeats "$evals" "${timing[@]}" --set "${sets[@]}" --out "$dir" > "$dir.log" 2>&1 \
         || echo "   failed, see $dir.log"
       tail -n 4 "$dir.log"
     done

@@ -390,17 +390,14 @@ def test_target_rows_lists_every_target_first_then_padding() -> None:
     assert (pos.reshape(-1)[rows[4:]] == 0).all()       # then positions without one
 
 
-@pytest.mark.parametrize("bucket", [16, 512])
-def test_sampler_target_rows_are_bucketed_and_the_loss_is_unchanged(small_split: SplitData, monkeypatch,
-                                                                    bucket: int) -> None:
+@pytest.mark.parametrize("bucket", [1, 16, 512])
+def test_sampler_target_rows_are_bucketed_and_the_loss_is_unchanged(small_split: SplitData, bucket: int) -> None:
     """Every batch's target_rows cover all its targets, padded to a multiple of the bucket (or to
     all B L positions, the cap), and the cross-entropy over them equals the one over every
     position."""
-    import adarec.data.sampler as sampler_module
     from adarec.models.losses import ce_next_item_loss
 
-    monkeypatch.setattr(sampler_module, "TARGET_BUCKET", bucket)
-    sampler = TrainBatchSampler(small_split, batch_size=8, seed=7)
+    sampler = TrainBatchSampler(small_split, batch_size=8, seed=7, target_bucket=bucket)
     sizes = set()
     gen = torch.Generator().manual_seed(0)
     for batch in sampler.epoch(0):
@@ -414,4 +411,6 @@ def test_sampler_target_rows_are_bucketed_and_the_loss_is_unchanged(small_split:
         weight = torch.randn(small_split.num_items + 2, 6, generator=gen, dtype=torch.float64)
         torch.testing.assert_close(ce_next_item_loss(hidden, weight, pos, rows), ce_next_item_loss(hidden, weight, pos))
     assert bucket > 64 or len(sizes) > 1              # a small bucket gives batches of several shapes
+    if bucket == 1:                                   # exact: only the targets are scored
+        assert all(int((b["target_pos"] > 0).sum()) == b["target_rows"].numel() for b in sampler.epoch(1))
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adarec import backends
-from adarec.linear_ce import chunked_linear_cross_entropy, linear_cross_entropy
+from adarec.linear_ce import chunked_linear_cross_entropy, kept_softmax_linear_cross_entropy, linear_cross_entropy
 from adarec.models.losses import ItemCrossEntropy, ce_next_item_loss
 
 # (rows, items, width): a block-aligned shape, then ragged rows, odd widths and item counts that
@@ -56,11 +56,39 @@ def _fused():
     return fused_linear_cross_entropy
 
 
+def _impl(name):
+    return {"chunked": chunked_linear_cross_entropy, "kept": kept_softmax_linear_cross_entropy}.get(name) or _fused()
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_eager_twin_matches_float64_cross_entropy(shape, reduction):
+@pytest.mark.parametrize("fn", [linear_cross_entropy, kept_softmax_linear_cross_entropy], ids=["eager", "kept"])
+def test_eager_twin_and_kept_softmax_match_float64_cross_entropy(shape, reduction, fn):
     inputs = _inputs(*shape)
-    _assert_matches(_run(linear_cross_entropy, *inputs, reduction), _reference(*inputs, reduction))
+    _assert_matches(_run(fn, *inputs, reduction), _reference(*inputs, reduction))
+
+
+@pytest.mark.parametrize("shape", [(64, 128, 32), (37, 101, 13)])
+def test_kept_softmax_in_bf16_is_as_close_as_the_eager_twin(shape):
+    """bf16 inputs: the products in bf16, everything after them in float32, as the eager twin;
+    its error against float64 stays within twice the eager one's."""
+    inputs = _inputs(*shape, dtype=torch.bfloat16)
+    want = _reference(*inputs)
+    eager, kept = _run(linear_cross_entropy, *inputs), _run(kept_softmax_linear_cross_entropy, *inputs)
+    for a, b, ref in zip(kept, eager, want, strict=True):
+        assert a.dtype == b.dtype
+        assert float((a.double() - ref).abs().max()) <= 2 * float((b.double() - ref).abs().max()) + 1e-6
+
+
+def test_kept_softmax_survives_a_second_backward():
+    """The softmax it keeps is not consumed: PCGrad (train.grad_merge) takes several gradients of
+    one graph."""
+    hidden, weight, target = _inputs(37, 101, 13)
+    h = hidden.clone().requires_grad_()
+    loss = kept_softmax_linear_cross_entropy(h, weight, target, ignore_index=-1)
+    (first,) = torch.autograd.grad(loss, h, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, h)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -81,9 +109,9 @@ def test_triton_kernels_match_cross_entropy_in_the_interpreter(shape, splits):
         _assert_matches(got, _reference(*inputs, reduction))
 
 
-@pytest.mark.parametrize("impl", ["chunked", "fused"])
+@pytest.mark.parametrize("impl", ["chunked", "kept", "fused"])
 def test_all_ignored_batch_behaves_like_cross_entropy(impl):
-    fn = chunked_linear_cross_entropy if impl == "chunked" else _fused()
+    fn = _impl(impl)
     hidden, weight, target = _inputs(9, 40, 8)
     target[:] = -1
     loss, grad_h, grad_w = _run(fn, hidden, weight, target, "sum", item_chunk=16)
@@ -93,9 +121,9 @@ def test_all_ignored_batch_behaves_like_cross_entropy(impl):
     assert torch.isnan(mean) and torch.isnan(want)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "fused"])
+@pytest.mark.parametrize("impl", ["chunked", "kept", "fused"])
 def test_no_rows_at_all(impl):
-    fn = chunked_linear_cross_entropy if impl == "chunked" else _fused()
+    fn = _impl(impl)
     hidden, weight, _ = _inputs(3, 40, 8)
     empty, target = hidden[:0].clone().requires_grad_(), torch.zeros(0, dtype=torch.long)
     loss = fn(empty, weight, target, ignore_index=-1, reduction="sum", item_chunk=16)
@@ -104,11 +132,11 @@ def test_no_rows_at_all(impl):
     assert torch.isnan(fn(empty, weight, target, ignore_index=-1, item_chunk=16))
 
 
-@pytest.mark.parametrize("impl", ["chunked", "fused"])
+@pytest.mark.parametrize("impl", ["chunked", "kept", "fused"])
 def test_gradients_reach_the_table_through_a_row_slice(impl):
     """The models pass item_weight[1:-1] (items without the padding and mask rows): the
     gradient lands on the sliced rows of the parameter and nowhere else."""
-    fn = chunked_linear_cross_entropy if impl == "chunked" else _fused()
+    fn = _impl(impl)
     hidden, table, target = _inputs(20, 52, 12)
     target = torch.where(target >= 0, target % 50, target)                  # classes of the 50-row slice
     table = table.detach().requires_grad_()
@@ -151,7 +179,7 @@ def test_chunked_path_never_builds_the_rows_by_items_logits():
 def test_backend_choice(monkeypatch):
     cpu = torch.device("cpu")
     assert backends.linear_ce_function("eager", cpu, 10**6, 100) is linear_cross_entropy
-    assert backends.linear_ce_function("auto", cpu, 100, 100) is linear_cross_entropy
+    assert backends.linear_ce_function("auto", cpu, 100, 100) is kept_softmax_linear_cross_entropy
     assert backends.linear_ce_function("auto", cpu, 101, 100) is chunked_linear_cross_entropy
     assert backends.linear_ce_function("fused", cpu, 10, 100) is _fused()        # interpreter (conftest)
     # On CUDA the Triton kernels stay opt-in until a GPU run of the device check has passed them
@@ -180,10 +208,10 @@ def test_bad_inputs_are_refused_with_a_reason():
         _fused()(hidden.half(), weight.half(), target)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "fused"])
+@pytest.mark.parametrize("impl", ["chunked", "kept", "fused"])
 def test_a_frozen_table_gets_no_gradient(impl):
     """ADRec's warm-up epochs pass a detached table: only the hidden rows get a gradient."""
-    fn = chunked_linear_cross_entropy if impl == "chunked" else _fused()
+    fn = _impl(impl)
     hidden, weight, target = _inputs(20, 70, 12)
     h = hidden.clone().requires_grad_()
     fn(h, weight, target, ignore_index=-1, item_chunk=16).backward()
@@ -198,7 +226,7 @@ def test_autocast_runs_every_implementation_in_its_dtype():
     hidden, weight, target = _inputs(40, 150, 16)
     results = {}
     for name, item_ce in (("eager", ItemCrossEntropy("eager")), ("chunked", ItemCrossEntropy("auto", item_chunk=32)),
-                          ("fused", ItemCrossEntropy("fused"))):
+                          ("kept", ItemCrossEntropy("auto")), ("fused", ItemCrossEntropy("fused"))):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = item_ce(h, w, target, ignore_index=-1)

@@ -28,7 +28,6 @@ import torch
 
 __all__ = ["bucket_width", "evaluation_batches", "grouped_order", "padding_fraction", "sequence_lengths"]
 
-DEFAULT_WIDTH_BUCKETS = (8, 16, 32)
 DEFAULT_GROUP_BATCHES = 50
 
 

@@ -9,7 +9,8 @@ Each batch carries `target_rows`: the flat indices (into B * L) of its positions
 in order, padded with positions without one to a multiple of TARGET_BUCKET. The next-item loss
 scores those rows only, so it costs about what scoring the real targets costs, its shape takes
 one of a few values (a CUDA graph per value), and no boolean selection has to read a count on
-the host (docs/method.md, "The training step on a GPU").
+the host (docs/method.md, "The training step on a GPU"). On a CPU the trainer asks for a bucket
+of 1: no graph needs few shapes there, and a padding row costs a row of the catalogue's logits.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class TrainBatchSampler:
                  mask_ratio: float = 0.7, reorder_ratio: float = 0.2,
                  device: torch.device | str | None = None, pad_ranks: bool = False,
                  group_by_length: bool = False, group_batches: int = DEFAULT_GROUP_BATCHES,
-                 width_buckets: list[int] | tuple[int, ...] | None = None) -> None:
+                 width_buckets: list[int] | tuple[int, ...] | None = None,
+                 target_bucket: int | None = None) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if batch_size // world_size < 1:
@@ -124,6 +126,9 @@ class TrainBatchSampler:
         self.pad_ranks = pad_ranks
         self.group_by_length, self.group_batches = bool(group_by_length), int(group_batches)
         self.width_buckets = None if width_buckets is None else tuple(int(w) for w in width_buckets)
+        # None: TARGET_BUCKET. The trainer passes 1 on a CPU, where no CUDA graph needs a few
+        # shapes and every padding row of target_rows would be scored against the whole catalogue.
+        self.target_bucket = target_bucket
         self.num_rows = int(split.train_input.shape[0])
         # Read once here, so that a batch's target count is known on the host (target_rows).
         # numpy, not torch: host-side bookkeeping must not look like a device read in a profile.
@@ -192,7 +197,8 @@ class TrainBatchSampler:
             idx, key = rows[part], keys[part]
             width = self._width(global_rows, i)
             targets = int(self._row_targets[rows_host[part]].sum())
-            bucket = min(math.ceil(max(targets, 1) / TARGET_BUCKET) * TARGET_BUCKET, idx.numel() * width)
+            step = self.target_bucket or TARGET_BUCKET
+            bucket = min(math.ceil(max(targets, 1) / step) * step, idx.numel() * width)
             user = s.train_user[idx]
             inp, pos = s.train_input[:, -width:][idx], s.train_target[:, -width:][idx]
             neg = sample_negatives(s.seen_sorted[user], s.seen_count[user], pos, s.num_items,
