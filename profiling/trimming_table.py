@@ -1,8 +1,9 @@
 """The before/after table of `profiling/bench_trimming.sh`: one row per (model, precision).
 
-    python -m adarec.profiling.trimming_table results/bench/trimming_cpu [--md OUT.md]
+    python -m adarec.profiling.trimming_table results/bench/trimming_cpu [LATER ...] [--md OUT.md]
 
-Reads every `<model>_<precision>_<layout>/bench.json` under the folder and prints a markdown table
+Reads every `<model>_<precision>_<layout>/bench.json` under the folders (a later folder's rows
+replace an earlier one's: a rerun of one layout) and prints a markdown table
 of the epoch and validation times, the padding fractions and the speed-ups of "after" (grouped
 and trimmed batches) over "before" (full width), and of bf16 over fp32 after.
 """
@@ -51,10 +52,13 @@ def table(rows: dict[tuple[str, str, str], dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adarec.profiling.trimming_table",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("folders", type=Path, nargs="+")
     parser.add_argument("--md", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
-    text = table(load(args.folder))
+    rows = {}
+    for folder in args.folders:
+        rows.update(load(folder))
+    text = table(rows)
     print(text, end="")
     if args.md:
         args.md.write_text(text)

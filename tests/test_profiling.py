@@ -153,3 +153,50 @@ def test_catalog_benchmark_measures_each_implementation_and_skips_what_would_not
     skipped = bench_catalog.run_case({"phase": "ce step", "impl": "eager", "items": 10**6, "rows": 12800},
                                      memory_limit_gib=8.0)
     assert skipped["status"].startswith("skipped: needs ~143.1 GiB")
+
+
+def test_full_epoch_timing_and_padding_columns(tmp_path, monkeypatch):
+    """--full-epoch times a whole epoch instead of projecting; the padding columns are the
+    sampler's and the evaluator's shares of padding (untrimmed: all of max_len's padding)."""
+    monkeypatch.delenv("ADAREC_KERNELS", raising=False)
+    out = tmp_path / "bench"
+    common = ["--config", str(REPO / "configs/sasrec_beauty.yaml"), "--backends", "auto", "--warmup", "0",
+              "--steps", "1", "--repeats", "1", "--eval-repeats", "0"]
+    (row,) = bench.main([*common, "--set", *TINY, "--full-epoch", "--out", str(out)])
+    assert row["epoch_measured"] is True and row["epoch_train_s"] > 0
+    (plain,) = bench.main([*common, "--set", *TINY, "data.width_buckets=null", "data.group_by_length=false",
+                           "--out", str(tmp_path / "plain")])
+    assert plain["epoch_measured"] is False
+    assert 0 < row["padding_frac"] < plain["padding_frac"] < 1
+    assert 0 < row["valid_padding_frac"] < plain["valid_padding_frac"] < 1
+
+
+def test_trimming_table_compares_layouts_and_takes_later_folders_first(tmp_path):
+    from adarec.profiling import trimming_table
+
+    def write(folder, name, epoch_s, padding):
+        (tmp_path / folder / name).mkdir(parents=True)
+        row = {"epoch_train_s": epoch_s, "valid_pass_s": 1.0, "padding_frac": padding, "step_ms_median": 10.0}
+        (tmp_path / folder / name / "bench.json").write_text(json.dumps([row]))
+
+    write("first", "sasrec_fp32_before", 30.0, 0.9)
+    write("first", "sasrec_fp32_after", 20.0, 0.5)
+    write("second", "sasrec_fp32_after", 10.0, 0.3)
+    write("first", "diffurec_fp32_after", 40.0, 0.8)                 # one layout: before = after
+    rows = {}
+    for folder in ("first", "second"):
+        rows.update(trimming_table.load(tmp_path / folder))
+    lines = trimming_table.table(rows).splitlines()
+    assert "| sasrec | fp32 | 30.0 | 10.0 | 3.00x |" in lines[3]
+    assert "| diffurec | fp32 | 40.0 | 40.0 | 1.00x |" in lines[2]
+
+
+def test_flop_count_reports_the_epoch_and_a_floor_below_it():
+    from adarec.profiling import flop_count
+
+    row = flop_count.main(["--config", str(REPO / "configs/sasrec_beauty.yaml"), "--steps", "2",
+                           "--set", *TINY, "train.batch_size=16"])
+    assert row["steps_per_epoch"] == 8                      # 120 users, batch 16
+    assert 0 < row["epoch_tflop_floor"] < row["epoch_tflop_computed"]
+    assert 0 <= row["floor_padding_frac"] < row["padding_frac"] < 1
+    assert row["floor_seconds"] == pytest.approx(row["epoch_tflop_floor"] * 1e12 / (143.0 * 1e9))

@@ -251,3 +251,19 @@ def test_evaluation_keys_do_not_depend_on_the_padding_width():
     assert torch.equal(sequence_keys(wider, 5), sequence_keys(ids, 5))
     assert torch.equal(sequence_keys(ids[:, 1:], 5)[[0, 2]], sequence_keys(ids, 5)[[0, 2]])
     assert sequence_keys(ids[:, 2:], 5)[1] != sequence_keys(ids, 5)[1]      # an item cut: another key
+
+
+def test_target_shares_make_grouped_batch_means_add_up_to_the_epoch_mean(beauty):
+    """Per-batch means of a per-target value, scaled by the batches' target shares and averaged
+    over the epoch's batches, are the mean over all the epoch's targets (what random batches
+    estimate); without the shares, short rows' targets would weigh far more."""
+    _, split = beauty
+    sampler = TrainBatchSampler(split, 16, seed=3, group_by_length=True, width_buckets=BUCKETS)
+    batches = list(sampler.epoch(0))
+    values = [b["target_pos"][b["target_pos"] > 0].double() for b in batches]     # any per-target value
+    scaled = sum(float(b["target_share"]) * float(v.mean()) for b, v in zip(batches, values, strict=True))
+    want = float(torch.cat(values).mean())
+    assert scaled / len(batches) == pytest.approx(want, rel=1e-6)
+    unscaled = sum(float(v.mean()) for v in values) / len(batches)
+    assert abs(unscaled - want) > 1e-3 * want                         # the shares do change something
+    assert "target_share" not in next(iter(TrainBatchSampler(split, 16, seed=3).epoch(0)))

@@ -90,8 +90,9 @@ class TrainBatchSampler:
     an uninterrupted one even if an earlier epoch was stopped part-way.
 
     Each batch: ``input_ids``, ``target_pos``, ``target_neg`` (0 where ``target_pos`` is 0),
-    ``target_rows`` (module docstring), ``user``, ``row_key`` and, with ``with_views``,
-    ``view1`` / ``view2``.
+    ``target_rows`` (module docstring), ``user``, ``row_key``, with ``with_views``
+    ``view1`` / ``view2``, and with ``group_by_length`` ``target_share`` (a float32 scalar the
+    per-target losses are scaled by, `_target_shares`).
 
     ``group_by_length`` serves batches of similar lengths and ``width_buckets`` trims every batch to
     the bucket width of its longest row (adarec/data/length_groups.py); both are decided per
@@ -172,6 +173,20 @@ class TrainBatchSampler:
         longest = self._row_lengths[global_rows[i * self.batch_size:(i + 1) * self.batch_size]].max(initial=0)
         return bucket_width(int(longest), self.width_buckets, self._positions)
 
+    def _target_shares(self, global_rows: np.ndarray) -> list[float]:
+        """Per global batch: its target count over the epoch's mean count per batch.
+
+        A loss that is a mean over a batch's targets weighs each target by 1 / (the batch's
+        count). Random batches hold about the same count, but length-grouped ones do not (a batch
+        of one-item rows has 256 targets, one of 40-item rows 10,000), and the per-batch mean then
+        weighs short users' targets up to 40 times more than long users'. Scaled by this share,
+        the per-batch means add up over an epoch to the mean over all its targets, the objective
+        random batches estimate (docs/method.md, "Trimmed batches")."""
+        counts = [float(self._row_targets[global_rows[i * self.batch_size:(i + 1) * self.batch_size]].sum())
+                  for i in range(len(self))]
+        mean = sum(counts) / max(len(counts), 1)
+        return [c / mean if mean else 1.0 for c in counts]
+
     def padding_fraction(self, epoch: int = 0) -> float:
         """Share of the positions this rank computes in epoch ``epoch`` that are padding."""
         perm, _ = self._global_order(epoch)
@@ -189,6 +204,7 @@ class TrainBatchSampler:
         rows_host = perm[self.rank :: self.world_size]
         rows = rows_host.to(self.device)
         rows_host = rows_host.numpy()
+        shares = self._target_shares(global_rows) if self.group_by_length else None
         # One training row per user: keying by the row is keying by (seed, epoch, user).
         draw_ids = rows_host + self.num_rows * passes[self.rank :: self.world_size]
         keys = torch.from_numpy(row_keys(self.seed, epoch, draw_ids)).to(self.device)
@@ -206,6 +222,8 @@ class TrainBatchSampler:
             batch = {"input_ids": inp, "target_pos": pos, "target_rows": target_rows(pos, bucket),
                      "target_neg": torch.where(pos > 0, neg, torch.zeros_like(neg)), "user": user,
                      "row_key": key}
+            if shares is not None:
+                batch["target_share"] = torch.tensor(shares[i], dtype=torch.float32).to(self.device, non_blocking=True)
             if self.with_views:
                 views = KeyedDraws(key, Streams.VIEWS)
                 batch["view1"] = random_views(inp, views, *self.ratios)

@@ -39,6 +39,7 @@ from .controller import DepthController, fixed_decision
 from .elcrec import ELCRec
 from .encoder import prefix_mean
 from .hierarchy_diagnostics import DIAGNOSTIC_USERS, hierarchy_diagnostics
+from .losses import per_target_scaled
 
 # The fixed evaluation noise (model.eval_noise=fixed) is one draw from this seed, independent of
 # the run's seed so that every checkpoint of every run is scored against the same draw.
@@ -264,7 +265,8 @@ class ADARec(ELCRec):
         # An ablated component's term is absent, not zero (docs/method.md, "Ablations").
         terms = {"rec": self.rec_loss(out["h"], batch)}
         if self.denoiser is not None:
-            terms["deno"] = out["l_deno"]
+            # A mean over item positions: length-grouped batches weigh it like L_rec.
+            terms["deno"] = per_target_scaled(out["l_deno"], batch)
         if out["coarse"] is not None and "cont" not in self.ablate:
             terms["cont"] = coarse_contrastive_loss(out["coarse"][:, -1], packed, depths, self.max_depth,
                                                     self.cont_temperature, active_last)

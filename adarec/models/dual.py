@@ -29,6 +29,7 @@ from adarec.parallel import global_mean
 from .controller import LengthAwareGRU
 from .elcrec import ELCRec
 from .encoder import masked_mean
+from .losses import per_target_scaled
 from .scoring import inner_product_scores
 
 EXPERT_STEPS = {"e5": (3, 4), "e10": (8, 9)}
@@ -76,8 +77,8 @@ class NoisedELCRec(ELCRec):
         raw, noised, weights = out["raw"], out["noised"], out["weights"]
         valid = (ids > 0).unsqueeze(-1).float()
         # A mean over item positions: over the global batch's with several ranks (adarec/parallel.py).
-        consistency = global_mean(((noised.float() - raw.detach().float()).pow(2) * valid).sum(),
-                                  valid.sum() * noised.shape[-1])
+        consistency = per_target_scaled(global_mean(((noised.float() - raw.detach().float()).pow(2) * valid).sum(),
+                                                    valid.sum() * noised.shape[-1]), batch)
         # Entropy of the copy weights, averaged over item positions.
         entropy = masked_mean(-(weights * torch.log(weights.clamp_min(1e-12))).sum(-1, keepdim=True), ids).mean()
         terms = {

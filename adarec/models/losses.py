@@ -12,6 +12,14 @@ from adarec.config import KernelsConfig
 from adarec.parallel import gather_rows, global_mean, world_size
 
 
+def per_target_scaled(loss: torch.Tensor, batch: dict) -> torch.Tensor:
+    """A mean over a batch's targets (or item positions) times the batch's `target_share`, when
+    the sampler gives one (length-grouped batches), so that every target weighs the same over an
+    epoch whatever the length of the batch it lands in."""
+    share = batch.get("target_share")
+    return loss if share is None else loss * share
+
+
 def bce_next_item_loss(hidden, item_embeddings, target_pos, target_neg) -> torch.Tensor:
     """SASRec's BCE with one sampled negative per position, averaged over real targets."""
     pos = (hidden * item_embeddings(target_pos)).sum(-1).float()

@@ -8,7 +8,7 @@ from torch import nn
 from adarec.profiling import nvtx
 
 from .encoder import SequenceEncoder
-from .losses import ItemCrossEntropy, bce_next_item_loss, ce_next_item_loss
+from .losses import ItemCrossEntropy, bce_next_item_loss, ce_next_item_loss, per_target_scaled
 from .scoring import inner_product_scores
 
 
@@ -36,10 +36,14 @@ class SASRec(nn.Module):
         return (0, self.num_items + 1)
 
     def rec_loss(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The next-item loss, a mean over the batch's targets, times the batch's target share
+        when batches are length-grouped (adarec/data/sampler.py, `_target_shares`)."""
         if self.rec_loss_kind == "ce":
-            return ce_next_item_loss(hidden, self.encoder.item_embeddings.weight, batch["target_pos"],
+            loss = ce_next_item_loss(hidden, self.encoder.item_embeddings.weight, batch["target_pos"],
                                      batch.get("target_rows"), self.item_ce)
-        return bce_next_item_loss(hidden, self.encoder.item_embeddings, batch["target_pos"], batch["target_neg"])
+        else:
+            loss = bce_next_item_loss(hidden, self.encoder.item_embeddings, batch["target_pos"], batch["target_neg"])
+        return per_target_scaled(loss, batch)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hidden = self.encoder(batch["input_ids"])
