@@ -29,6 +29,10 @@ import yaml
 
 from .errors import ConfigError, DataError
 
+LEVEL_SCHEDULES = ("authors", "span")
+"""Values of model.level_schedule (adarec/diffusion.py level_tables)."""
+ABLATIONS = ("adc", "hda", "hpmoe", "router", "cont")
+"""Values of model.ablate: the components of the paper's Table 4 (docs/method.md, "Ablations")."""
 MODEL_NAMES: tuple[str, ...] = ("sasrec", "elcrec", "adarec", "adarec-dual", "diffurec", "adrec", "diffuasr")
 """Valid values of model.name; the model registry extends this tuple when it adds models."""
 
@@ -133,6 +137,21 @@ class ModelConfig:
     """ADARec: the trajectory at evaluation (docs/method.md 2.2). zero: eps = 0, each level
     reconstructs from sqrt(abar_k) E^0; fixed: one fixed-seed Gaussian draw per (level, position,
     channel), shared by all users; clean: every level's view is E^0 itself (no denoiser)."""
+    level_schedule: str = "authors"
+    """ADARec: how corrupted each level is (docs/method.md 2.2). authors: level k is step k of the
+    model.diffusion_steps-step linear beta schedule (1e-4 to 0.02), as the authors' code (noise std
+    0.01 to 0.11 at T_max 8, every level close to E^0); span: abar falls linearly from 1 at level 0
+    to model.final_signal**2 at T_max, from lightly to heavily corrupted."""
+    final_signal: float = 0.2
+    """ADARec, model.level_schedule span: sqrt(abar) of level T_max, the share of the signal's scale
+    the deepest level keeps, in (0, 1)."""
+    ablate: list[str] = field(default_factory=list)
+    """ADARec: components of the paper's Table 4 to remove (docs/method.md, "Ablations"): adc (a
+    fixed depth, model.fixed_depth), hda (no noise, no denoiser: every level is E^0), hpmoe (the
+    fine expert's mean over the active levels replaces experts, router and gate), router (a gate per
+    level that reads no content), cont (no L_cont)."""
+    fixed_depth: int | None = None
+    """ADARec with model.ablate [adc]: the depth of every user and prefix (null: model.max_depth)."""
     crop_ratio: float = 0.2
     """ELCRec augmentation: fraction of the sequence kept by Crop, in (0, 1]."""
     mask_ratio: float = 0.7
@@ -520,10 +539,11 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
     for key in ("cf_weight", "intent_cf_weight", "trade_off"):
         need(getattr(m, key) >= 0, f"model.{key}", "must be >= 0")
     need(m.cl_temperature > 0, "model.cl_temperature", "must be > 0")
-    if m.name in ("adarec", "adarec-dual"):
+    if m.name == "adarec-dual" or (m.name == "adarec" and m.level_schedule == "authors"):
         need(0 <= m.max_depth <= m.diffusion_steps, "model.max_depth", "must be in [0, model.diffusion_steps]",
              also=("model.diffusion_steps",))
     need(m.diffusion_steps >= 1, "model.diffusion_steps", "must be >= 1")
+    need(m.max_depth >= 0, "model.max_depth", "must be >= 0")
     need(m.gumbel_tau > 0, "model.gumbel_tau", "must be > 0")
     need(m.denoiser_mult >= 1, "model.denoiser_mult", "must be >= 1")
     for key in ("lambda_deno", "lambda_cont", "lambda_expl"):
@@ -532,6 +552,12 @@ def _validate(cfg: RunConfig, where: str, sources: Mapping[str, str]) -> None:
     choice("model.depth_gradient", ("probe", "all", "none"))
     choice("model.level_layout", ("auto", "grid", "compact"))
     choice("model.eval_noise", ("zero", "fixed", "clean"))
+    choice("model.level_schedule", LEVEL_SCHEDULES)
+    need(0.0 < m.final_signal < 1.0, "model.final_signal", "must be in (0, 1)")
+    need(all(a in ABLATIONS for a in m.ablate) and len(set(m.ablate)) == len(m.ablate), "model.ablate",
+         f"must list distinct components among {', '.join(ABLATIONS)}")
+    need(m.fixed_depth is None or 0 <= m.fixed_depth <= m.max_depth, "model.fixed_depth",
+         "must be in [0, model.max_depth] or null", also=("model.max_depth",))
     need(0.0 < m.crop_ratio <= 1.0, "model.crop_ratio", "must be in (0, 1]")
     for key in ("mask_ratio", "reorder_ratio"):
         need(0.0 <= getattr(m, key) <= 1.0, f"model.{key}", "must be in [0, 1]")

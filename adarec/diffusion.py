@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adarec.config import LEVEL_SCHEDULES
 from adarec.keyed_random import KeyedDraws, Streams
 
 
@@ -37,12 +38,30 @@ def linear_beta_schedule(steps: int = 50, beta_start: float = 1e-4, beta_end: fl
     return torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
 
 
-def level_tables(max_depth: int, steps: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
-    """sqrt(abar_k) and sqrt(1 - abar_k) for levels k = 0..max_depth (level 0: 1 and 0)."""
-    if not 0 <= max_depth <= steps:
-        raise ValueError(f"max_depth must be in [0, {steps}], got {max_depth}")
-    abar = torch.cumprod(1.0 - linear_beta_schedule(steps), 0)[:max_depth]
-    abar = torch.cat([torch.ones(1, dtype=torch.float64), abar])
+def level_tables(max_depth: int, steps: int = 50, schedule: str = "authors",
+                 final_signal: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(abar_k) and sqrt(1 - abar_k) for levels k = 0..max_depth (level 0: 1 and 0).
+
+    authors: level k is step k of the `steps`-step linear beta schedule (1e-4 to 0.02), the
+    authors' code: at T_max = 8 the noise std runs from 0.01 to 0.11, every level close to E^0.
+    span: abar falls linearly from 1 at level 0 to final_signal**2 at level max_depth,
+    abar_k = 1 - (k / T_max)(1 - final_signal**2), so the levels run from lightly to heavily
+    corrupted and the deepest keeps only `final_signal` of the signal's scale (docs/method.md 2.2).
+    """
+    if schedule not in LEVEL_SCHEDULES:
+        raise ValueError(f"level schedule must be one of {', '.join(LEVEL_SCHEDULES)}, got {schedule!r}")
+    if schedule == "authors":
+        if not 0 <= max_depth <= steps:
+            raise ValueError(f"max_depth must be in [0, {steps}], got {max_depth}")
+        abar = torch.cumprod(1.0 - linear_beta_schedule(steps), 0)[:max_depth]
+        abar = torch.cat([torch.ones(1, dtype=torch.float64), abar])
+    else:
+        if not 0.0 < final_signal < 1.0:
+            raise ValueError(f"final_signal must be in (0, 1), got {final_signal}")
+        if max_depth < 0:
+            raise ValueError(f"max_depth must be >= 0, got {max_depth}")
+        k = torch.arange(max_depth + 1, dtype=torch.float64)
+        abar = 1.0 - k / max(max_depth, 1) * (1.0 - final_signal ** 2)
     return abar.sqrt().float(), (1.0 - abar).sqrt().float()
 
 

@@ -52,3 +52,14 @@ def gated_fusion(
     gate = torch.sigmoid(torch.nn.functional.linear(z_coar, w_gate, b_gate))
     h = gate * z_fin + (1.0 - gate) * z_coar
     return h, z_coar
+
+
+def mean_over_levels(fine: torch.Tensor, m: torch.Tensor, pair_user: torch.Tensor, batch: int) -> torch.Tensor:
+    """h [B, L, D] = sum_k m_k[i] fin_k[i] / sum_k m_k[i] over each user's pairs: the aggregation
+    that replaces HP-MoE in the `hpmoe` ablation (docs/method.md, "Ablations"). Level 0 is always
+    active, so the denominator is at least 1 in value; m carries the controller's straight-through
+    gradient as in gated_fusion."""
+    weight = m.to(fine.dtype)
+    total = fine.new_zeros((batch, *fine.shape[1:])).index_add(0, pair_user, fine * weight[..., None])
+    count = weight.new_zeros((batch, fine.shape[1])).index_add(0, pair_user, weight)
+    return total / count.clamp_min(EPS)[..., None]

@@ -51,6 +51,7 @@ from .checkpoint import (
     tag_name,
 )
 from .curves import plot_curves
+from .hierarchy_plot import plot_hierarchy
 from .data_setup import load_split
 from .distributed import DistInfo, pick_device, setup_distributed, share_from_rank0, sync_ranks
 from .ds_config import build_ds_config, resolve_precision, use_autocast
@@ -310,6 +311,10 @@ class Trainer:
             pop_stats = getattr(engine.module, "pop_epoch_stats", None)
             if pop_stats is not None:
                 record.update({self._prefixed(name, k): v for k, v in pop_stats().items()})
+            # Model diagnostics on fixed validation rows (ADARec: is the hierarchy alive?).
+            diagnose = getattr(engine.module, "epoch_diagnostics", None)
+            if diagnose is not None and self.dist.is_main:
+                record.update({self._prefixed(name, k): v for k, v in diagnose(self.split).items()})
         return record
 
     def _mean_over_ranks(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -461,6 +466,7 @@ class Trainer:
         if self.dist.is_main:
             atomic_write_json(self.run_dir / "test_metrics.json", result)
             plot_curves(self.run_dir)
+            plot_hierarchy(self.run_dir)
         log.info("test (best epoch %d): %s", best_epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         self.runlog.close()
         return result

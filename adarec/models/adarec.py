@@ -30,13 +30,15 @@ from torch import nn
 
 from adarec.backends import fusion_function, trajectory_function
 from adarec.diffusion import Denoiser, PackedLevels, grid_levels, level_tables, pack_levels
+from adarec.fusion import mean_over_levels
 from adarec.keyed_random import KeyedDraws, Streams
 from adarec.parallel import gather_rows, global_mean, world_size
 from adarec.profiling import nvtx
 
-from .controller import DepthController
+from .controller import DepthController, fixed_decision
 from .elcrec import ELCRec
 from .encoder import prefix_mean
+from .hierarchy_diagnostics import DIAGNOSTIC_USERS, hierarchy_diagnostics
 from .losses import per_target_scaled
 
 # The fixed evaluation noise (model.eval_noise=fixed) is one draw from this seed, independent of
@@ -128,9 +130,12 @@ class ADARec(ELCRec):
         self.eval_noise = cfg.eval_noise
         self.lambda_deno, self.lambda_cont, self.lambda_expl = cfg.lambda_deno, cfg.lambda_cont, cfg.lambda_expl
         self.cont_temperature = cfg.cont_temperature
-        self.controller = DepthController(hidden, max_len, depth, cfg.gumbel_tau)
-        self.denoiser = Denoiser(hidden, cfg.denoiser_mult * hidden, depth)
-        sqrt_abar, sqrt_one_minus = level_tables(depth, cfg.diffusion_steps)
+        # The paper's Table 4 ablations (docs/method.md, "Ablations"): what is removed is not built.
+        self.ablate = frozenset(cfg.ablate)
+        self.fixed_depth = depth if cfg.fixed_depth is None else cfg.fixed_depth
+        self.controller = None if "adc" in self.ablate else DepthController(hidden, max_len, depth, cfg.gumbel_tau)
+        self.denoiser = None if "hda" in self.ablate else Denoiser(hidden, cfg.denoiser_mult * hidden, depth)
+        sqrt_abar, sqrt_one_minus = level_tables(depth, cfg.diffusion_steps, cfg.level_schedule, cfg.final_signal)
         self.register_buffer("sqrt_abar", sqrt_abar, persistent=False)
         self.register_buffer("sqrt_one_minus_abar", sqrt_one_minus, persistent=False)
         fixed = torch.randn(depth + 1, max_len, hidden, generator=torch.Generator().manual_seed(FIXED_NOISE_SEED))
@@ -138,13 +143,18 @@ class ADARec(ELCRec):
         # The Philox seed of the keyed in-kernel noise (the row keys carry the run's seed), kept on
         # the device: a tensor made from a host int in every step could not be graph-captured.
         self.register_buffer("diffusion_seed", torch.tensor([Streams.DIFFUSION], dtype=torch.int64), persistent=False)
-        self.coarse = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        self.level_embedding = nn.Embedding(depth + 1, hidden)
-        self.router = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
-        self.final_gate = nn.Linear(hidden, hidden)
+        self.coarse = self.level_embedding = self.router = self.final_gate = None
+        if "hpmoe" not in self.ablate:
+            self.coarse = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+            self.level_embedding = nn.Embedding(depth + 1, hidden)
+            # Without the content-aware router the gate reads the level embedding only.
+            router_in = hidden if "router" in self.ablate else 2 * hidden
+            self.router = nn.Sequential(nn.Linear(router_in, hidden), nn.GELU(), nn.Linear(hidden, 1))
+            self.final_gate = nn.Linear(hidden, hidden)
         for module in (self.controller, self.denoiser, self.coarse, self.level_embedding, self.router,
                        self.final_gate):
-            module.apply(self.encoder._init_weights)
+            if module is not None:
+                module.apply(self.encoder._init_weights)
         self._stats: dict[str, torch.Tensor] | None = None
 
     # -- the forward path shared by training and scoring ---------------------------------------
@@ -156,24 +166,32 @@ class ADARec(ELCRec):
         them the noise comes from torch's RNG."""
         e0 = self.encoder.embed(input_ids)
         with nvtx.phase("controller"):
-            gumbel = KeyedDraws(row_keys, Streams.GUMBEL) if row_keys is not None else None
-            decision = self.controller(e0, input_ids, gumbel)
+            if self.controller is None:
+                decision = fixed_decision(input_ids, self.fixed_depth, self.max_depth)
+            else:
+                gumbel = KeyedDraws(row_keys, Streams.GUMBEL) if row_keys is not None else None
+                decision = self.controller(e0, input_ids, gumbel)
             packed = self._pack(decision, last_only)
         with nvtx.phase("trajectory"):
             e_hat, l_deno = self._trajectory(e0, input_ids, packed, row_keys)
         with nvtx.phase("experts"):
             pair_ids = input_ids[packed.pair_user]
             fine = self.encoder.encode(e_hat, pair_ids)                 # [P, L, D], causal attention
+            mode = self.depth_gradient if self.training else "none"
+            m = decision.pair_masks(packed.pair_user, packed.pair_level, mode).to(fine.dtype)  # [P, L]
+            if self.coarse is None:
+                # Without HP-MoE: the fine expert's mean over each position's active levels.
+                h = mean_over_levels(fine, m, packed.pair_user, input_ids.shape[0])
+                return {"h": h, "z_coar": None, "coarse": None, "g": None, "packed": packed,
+                        "decision": decision, "l_deno": l_deno, "e_hat": e_hat}
             pooled = prefix_mean(e_hat, pair_ids)                       # [P, L, D], positions <= i
             coarse = self.coarse(pooled)
             g = self._route(pooled, packed.pair_level)                  # [P, L]
-            mode = self.depth_gradient if self.training else "none"
-            m = decision.pair_masks(packed.pair_user, packed.pair_level, mode).to(g.dtype)     # [P, L]
         with nvtx.phase("fusion"):
             fusion = fusion_function(self.kernel_backend, fine.device)
             h, z_coar = fusion(fine, coarse, g, m, packed.offsets, self.final_gate.weight, self.final_gate.bias)
         return {"h": h, "z_coar": z_coar, "coarse": coarse, "g": g, "packed": packed,
-                "decision": decision, "l_deno": l_deno}
+                "decision": decision, "l_deno": l_deno, "e_hat": e_hat}
 
     def _pack(self, decision, last_only: bool) -> PackedLevels:
         """The (user, level) pairs to compute (docs/method.md 2, "Packed layout"). Active (entering
@@ -194,7 +212,8 @@ class ADARec(ELCRec):
         With several data-parallel ranks L_deno is this rank's share of the global mean."""
         lengths = (input_ids > 0).sum(1)
         evaluating = not self.training
-        if evaluating and self.eval_noise == "clean":
+        if self.denoiser is None or (evaluating and self.eval_noise == "clean"):
+            # Clean levels: without HDA in training too (docs/method.md, "Ablations").
             valid = (input_ids > 0)[packed.pair_user].unsqueeze(-1).to(e0.dtype)
             return e0[packed.pair_user] * valid, e0.sum() * 0.0
         noise = None
@@ -224,6 +243,10 @@ class ADARec(ELCRec):
         once per pair instead of being concatenated at every position.
         """
         first, act, last = self.router
+        if "router" in self.ablate:
+            # Content-blind: one gate per level, the same at every position of every user.
+            gate = torch.sigmoid(last(act(first(self.level_embedding(levels))))).squeeze(-1)     # [P]
+            return gate[:, None].expand(-1, pooled.shape[1]).to(pooled.dtype)
         hidden = pooled.shape[-1]
         per_pair = F.linear(self.level_embedding(levels), first.weight[:, hidden:], first.bias)   # [P, D]
         pre = F.linear(pooled, first.weight[:, :hidden]) + per_pair[:, None, :]
@@ -239,17 +262,22 @@ class ADARec(ELCRec):
         depths = decision.sequence_depths
         # L_cont and the statistics read the last position: the whole input and its depth T_u.
         active_last = packed.pair_level <= depths[packed.pair_user]
-        terms = {
-            "rec": self.rec_loss(out["h"], batch),
+        # An ablated component's term is absent, not zero (docs/method.md, "Ablations").
+        terms = {"rec": self.rec_loss(out["h"], batch)}
+        if self.denoiser is not None:
             # A mean over item positions: length-grouped batches weigh it like L_rec.
-            "deno": per_target_scaled(out["l_deno"], batch),
-            "cont": coarse_contrastive_loss(out["coarse"][:, -1], packed, depths, self.max_depth,
-                                            self.cont_temperature, active_last),
-            "expl": decision.exploration,
-        }
+            terms["deno"] = per_target_scaled(out["l_deno"], batch)
+        if out["coarse"] is not None and "cont" not in self.ablate:
+            terms["cont"] = coarse_contrastive_loss(out["coarse"][:, -1], packed, depths, self.max_depth,
+                                                    self.cont_temperature, active_last)
+        if self.controller is not None:
+            terms["expl"] = decision.exploration
         terms.update(self.elcrec_terms(out["h"], batch))
-        loss = (terms["rec"] + self.lambda_deno * terms["deno"] + self.lambda_cont * terms["cont"]
-                + self.lambda_expl * terms["expl"] + self.weighted_elcrec(terms))
+        weights = {"deno": self.lambda_deno, "cont": self.lambda_cont, "expl": self.lambda_expl}
+        loss = terms["rec"] + self.weighted_elcrec(terms)
+        for key, weight in weights.items():
+            if key in terms:
+                loss = loss + weight * terms[key]
         self._record(depths, packed, active_last, out["g"])
         return loss, {k: v.detach() for k, v in terms.items()}
 
@@ -261,7 +289,7 @@ class ADARec(ELCRec):
     # -- observability: accumulated on device, read once per epoch ----------------------------
     @torch.no_grad()
     def _record(self, depths: torch.Tensor, packed: PackedLevels, active_last: torch.Tensor,
-                g: torch.Tensor) -> None:
+                g: torch.Tensor | None) -> None:
         levels = self.max_depth + 1
         if self._stats is None:
             # Plain float64 tensors, not buffers: a bf16 engine must not cast the counters.
@@ -273,12 +301,19 @@ class ADARec(ELCRec):
         # index_add_ rather than bincount: bincount sizes its output from the data (a host sync).
         s["depth"].index_add_(0, depths, torch.ones_like(depths, dtype=torch.float64))
         # The router at the last position (the one scoring uses), on the levels active there.
-        s["router_sum"].index_add_(0, packed.pair_level, g[:, -1].double() * last)
+        if g is not None:               # None without HP-MoE: there is no router
+            s["router_sum"].index_add_(0, packed.pair_level, g[:, -1].double() * last)
         s["router_n"].index_add_(0, packed.pair_level, last)
         s["needed"] += packed.pair_active.double().sum()
         s["pairs"] += packed.num_pairs
         # On the device, like the rest: a replayed CUDA graph runs no Python (engine/graphed_step.py).
         s["users"] += depths.numel()
+
+    def epoch_diagnostics(self, split) -> dict[str, float]:
+        """Per-level L_deno, distance of each level's view from E^0 and the controller's entropy on
+        the first validation users (adarec/models/hierarchy_diagnostics.py)."""
+        ids = split.valid_input[:DIAGNOSTIC_USERS].to(self.encoder.item_embeddings.weight.device)
+        return hierarchy_diagnostics(self, ids)
 
     def stat_tensors(self) -> list[torch.Tensor]:
         """The device counters behind pop_epoch_stats (empty before the first training step)."""
@@ -308,7 +343,7 @@ class ADARec(ELCRec):
         if not users:
             return {}
         out = {f"depth_frac_{k}": float(s["depth"][k]) / users for k in range(self.max_depth + 1)}
-        for k in range(self.max_depth + 1):
+        for k in range(self.max_depth + 1 if self.router is not None else 0):
             n = float(s["router_n"][k])
             out[f"router_g_{k}"] = float(s["router_sum"][k]) / n if n else None
         grid = users * (self.max_depth + 1)

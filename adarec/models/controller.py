@@ -85,6 +85,18 @@ def gru_from_first_item(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor) -> 
     return out * (cols >= pad)[..., None].to(out.dtype)
 
 
+def fixed_decision(input_ids: torch.Tensor, depth: int, max_depth: int) -> DepthDecision:
+    """The depth decision without the controller (the `adc` ablation, docs/method.md
+    "Ablations"): every item position gets `depth`, padding 0; probs and survival are the one-hot
+    and step functions of that depth, with no gradient, and there is no exploration term."""
+    items = input_ids > 0
+    depths = torch.where(items, depth, 0)
+    probs = F.one_hot(depths, max_depth + 1).float()
+    levels = torch.arange(max_depth + 1, device=input_ids.device)
+    survival = (levels <= depths[..., None]).float()
+    return DepthDecision(depths, probs, survival, probs.new_zeros(()), items)
+
+
 class LengthAwareGRU(nn.Module):
     """logits[i] = W prefix_mean(GRU([E^0 ; v_len]))[i] + b, v_len[i] an embedding of the number
     of items seen up to i: [B, L, outputs], position i reads positions <= i only. The GRU starts at
