@@ -51,12 +51,12 @@ from .checkpoint import (
     tag_name,
 )
 from .curves import plot_curves
-from .hierarchy_plot import plot_hierarchy
 from .data_setup import load_split
 from .distributed import DistInfo, pick_device, setup_distributed, share_from_rank0, sync_ranks
 from .ds_config import build_ds_config, resolve_precision, use_autocast
 from .evaluator import NonFiniteScores, batch_metric_sums, evaluate_split
 from .graphed_step import GRAD_NORMS, GraphedStep, check_graph_config
+from .hierarchy_plot import plot_hierarchy
 from .nonfinite_watch import NonFiniteWatch, gradient_norms
 from .output_dir import check_free_space, checkpoint_bytes_estimate, probe_output_dir, tree_bytes
 from .rank_watch import RankWatch

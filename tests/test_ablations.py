@@ -210,9 +210,9 @@ def test_a_run_logs_the_diagnostics_and_draws_the_hierarchy(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     config = load_config(repo / "configs/adarec_beauty.yaml",
-                         ["data.max_users=120", "model.hidden_size=16", "model.num_intent_clusters=4", "model.max_depth=3",
-                          "train.batch_size=64", "train.epochs=1", "train.device=cpu", "train.precision=fp32",
-                          "model.level_schedule=span"])
+                         ["data.max_users=120", "model.hidden_size=16", "model.num_intent_clusters=4",
+                          "model.max_depth=3", "train.batch_size=64", "train.epochs=1", "train.device=cpu",
+                          "train.precision=fp32", "model.level_schedule=span"])
     run_training(config, tmp_path / "run")
     (row,) = [json.loads(line) for line in (tmp_path / "run/epochs.jsonl").read_text().splitlines()]
     for key in ("deno_1", "deno_3", "dist_1", "dist_3", "router_g_0", "depth_frac_3", "controller_entropy"):
