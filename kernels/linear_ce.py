@@ -164,13 +164,13 @@ class _FusedRowLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, keep: torch.Tensor,
                 splits: int | None) -> torch.Tensor:
-        hidden, weight = hidden.contiguous(), weight.contiguous()
+        exact = hidden.dtype == torch.float32
+        hidden, weight = _interpreted_copies(hidden.contiguous(), weight.contiguous())
         # Ignored rows get target -1, which no item column matches: they pick up no logit and no onehot.
         target = torch.where(keep, target, torch.full_like(target, -1)).contiguous()
         rows, width = hidden.shape
         items = weight.shape[0]
         block_d = max(16, triton.next_power_of_2(width))
-        exact = hidden.dtype == torch.float32
         row_blocks = triton.cdiv(rows, BLOCK_R)
         item_splits, per_split = _split_plan(row_blocks, items, BLOCK_N, hidden.device, splits)
         parts = torch.empty((3, item_splits, rows), dtype=torch.float32, device=hidden.device)
@@ -234,8 +234,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     if hidden.shape[0] == 0:                       # no rows, no grid to launch: nothing to compute
         return linear_cross_entropy(hidden, weight, target, ignore_index, reduction)
     keep = target_mask(target, ignore_index, weight.shape[0])
-    if hidden.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        # The interpreter's tl.dot mishandles bf16; products of bf16 values are exact in float32,
-        # so the kernels run on float32 copies (autograd casts the gradients back).
-        hidden, weight = hidden.float(), weight.float()
     return reduce_rows(_FusedRowLoss.apply(hidden, weight, target, keep, splits), keep, reduction)
+
+
+def _interpreted_copies(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The interpreter's tl.dot mishandles bf16; products of bf16 values are exact in float32, so
+    under the interpreter the kernels run on float32 copies of bf16 inputs (autograd casts the
+    gradients back). The kernels' FP32_EXACT stays what the GPU would use (False for bf16)."""
+    if hidden.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return hidden.float(), weight.float()
+    return hidden, weight

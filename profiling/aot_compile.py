@@ -93,7 +93,7 @@ def _other_gpu_tests() -> None:
 
 
 def _model_steps(config: str, weights: str = "bf16", autocast: bool = False, overrides: tuple = (),
-                 steps: int = 2) -> None:
+                 steps: int = 1) -> None:
     """What a training run of `config` launches on a GPU: `steps` training steps (forward and
     backward of every member, batches from the run's sampler with the GPU's 512-row target
     buckets) and the scoring of a validation batch, on a few users.
@@ -134,13 +134,6 @@ def _model_steps(config: str, weights: str = "bf16", autocast: bool = False, ove
         scorer(members).score(split.valid_input[:16])
 
 
-def _bench(config: str) -> None:
-    """profiling/bench.py's backends on `config`: eager and fused on bf16 weights (eager launches
-    no Triton kernel), autocast and graphs on fp32 weights under autocast."""
-    _model_steps(config, "bf16")
-    _model_steps(config, "fp32", autocast=True)
-
-
 def _bench_trajectory() -> None:
     from adarec.profiling import bench_trajectory
 
@@ -167,35 +160,67 @@ def _smoke() -> None:
     fused_linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 0, 39, 7]))
 
 
+# Each step's workload as calls (function name, arguments); a call already recorded for an
+# earlier step is not run again (its records are read back), as the GPU's cache would not
+# compile its keys again either.
 RECORDERS = {
-    "smoke": _smoke,
-    "kernels_fast": lambda: (_trajectory_gpu_tests(dims=(256,)), _linear_ce_gpu_tests(shapes=((2048, 12101, 64),))),
-    "bench_adarec": lambda: _bench("adarec_beauty"),
-    "bench_adarec_dual": lambda: _bench("adarec-dual_beauty"),
-    "gpu_tests": _other_gpu_tests,
-    "bench_trajectory": _bench_trajectory,
-    "bench_catalog": _bench_catalog,
+    "smoke": [("_smoke",)],
+    "kernels_fast": [("_trajectory_gpu_tests", (256,)), ("_linear_ce_gpu_tests", ((2048, 12101, 64),))],
+    "bench_adarec": [("_model_steps", "adarec_beauty", "bf16", False), ("_model_steps", "adarec_beauty", "fp32", True)],
+    "bench_adarec_dual": [("_model_steps", "adarec-dual_beauty", "bf16", False),
+                          ("_model_steps", "adarec-dual_beauty", "fp32", True)],
+    "gpu_tests": [("_other_gpu_tests",)],
+    "bench_trajectory": [("_bench_trajectory",)],
+    "bench_catalog": [("_linear_ce_gpu_tests", ((64, 12101, 64), (64, 100_000, 64), (64, 1_000_000, 64)))],
     # sasrec_synthetic1m trains with bf16 autocast and the fused CE at the 1M-item catalog.
-    "catalog_1m": lambda: _linear_ce_gpu_tests(shapes=((64, 1_000_000, 64),)),
-    "deepspeed_bf16": lambda: _model_steps("adarec_beauty", "bf16"),
-    "zero_bf16": lambda: _model_steps("adarec_beauty", "bf16"),
-    "bench_peers": lambda: None,          # the peers' reverse processes are eager PyTorch
-    "convergence": lambda: _model_steps("adarec_beauty_sparse5", "fp32", autocast=True),
+    "catalog_1m": [("_linear_ce_gpu_tests", ((64, 1_000_000, 64),))],
+    "deepspeed_bf16": [("_model_steps", "adarec_beauty", "bf16", False)],
+    "zero_bf16": [("_model_steps", "adarec_beauty", "bf16", False)],
+    "bench_peers": [],                    # the peers' reverse processes are eager PyTorch
+    "convergence": [("_model_steps", "adarec_beauty_sparse5", "fp32", True)],
 }
 
 
+def _run_call(call: tuple) -> None:
+    name, *args = call
+    fn = globals()[name]
+    if name == "_trajectory_gpu_tests":
+        fn(dims=args[0])
+    elif name == "_linear_ce_gpu_tests":
+        fn(shapes=args[0])
+    elif name == "_model_steps":
+        fn(args[0], args[1], autocast=args[2])
+    else:
+        fn(*args)
+
+
 def record_step(step: str, out_file: Path) -> None:
-    """Run one step's workload through the interpreter and write its launch records (JSON)."""
+    """Run one step's workload through the interpreter and write its launch records (JSON).
+    Each call's records are also kept beside out_file, for the later steps that make it."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "the recording process needs TRITON_INTERPRET=1"
+    import hashlib
+
     import torch
     from adarec.profiling.launch_recorder import LaunchRecorder
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     recorder = LaunchRecorder().install()
     started = time.perf_counter()
-    RECORDERS[step]()
+    records = []
+    for call in RECORDERS[step]:
+        saved = out_file.parent / f"call_{hashlib.sha1(repr(call).encode()).hexdigest()[:16]}.json"
+        if saved.exists():
+            records += json.loads(saved.read_text())
+            continue
+        recorder.reset()
+        _run_call(call)
+        saved.write_text(json.dumps(recorder.records))
+        records += recorder.records
+    merged = LaunchRecorder()
+    for record in records:
+        merged.add(record, record.get("launches", 1))
     out_file.write_text(json.dumps({"step": step, "record_seconds": time.perf_counter() - started,
-                                    "records": recorder.records}, indent=1))
+                                    "records": merged.records}, indent=1))
 
 
 def record(steps: list[str], work: Path) -> dict[str, dict]:
@@ -245,6 +270,8 @@ def compile_record(record: dict, arch: int) -> dict:
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
 
+    if str(REPO / "tests") not in sys.path:      # kernels defined by the GPU tests themselves
+        sys.path.append(str(REPO / "tests"))
     fn = getattr(importlib.import_module(record["module"]), record["kernel"])
     params = list(inspect.signature(fn.fn).parameters)
     constexprs = {(params.index(k),): v for k, v in record["constexprs"].items()}
@@ -271,6 +298,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="steps to record (smoke: a few tiny launches, to test this tool)")
     parser.add_argument("--out", default=None, help="results folder (default results/bench/aot_sm<arch>)")
     parser.add_argument("--record-only", action="store_true", help="list the keys, compile nothing")
+    parser.add_argument("--work", default=None,
+                        help="folder for the per-step and per-call records (default: a temporary one); "
+                             "records of calls already there are reused")
     parser.add_argument("--record-step", choices=[*STEPS, "smoke"], help=argparse.SUPPRESS)   # internal
     parser.add_argument("--record-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -285,8 +315,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(args.out or REPO / f"results/bench/aot_sm{args.arch}")
     out.mkdir(parents=True, exist_ok=True)
     steps = [s for s in (*STEPS, "smoke") if s in args.steps]
-    with tempfile.TemporaryDirectory() as work:
-        recorded = record(steps, Path(work))
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        recorded = record(steps, Path(args.work))
+    else:
+        with tempfile.TemporaryDirectory() as work:
+            recorded = record(steps, Path(work))
 
     from adarec.profiling.launch_recorder import record_key
 

@@ -21,8 +21,8 @@ the GPU's SM count. `gpu_equivalent` turns a record into the key the GPU would c
 - trajectory kernels: UPCAST=True (interpreter) -> UPCAST=False and PRECISION=None (bf16 dots);
   SPLITS of the weights kernel -> the GPU's max(1, 2 * SMs // hidden chunks), its value for any
   batch of more than that many row blocks (kernels/trajectory.py `_weight_splits`);
-- linear CE kernels launched for bf16 inputs (the interpreter casts them to fp32 first,
-  kernels/linear_ce.py): bf16 hidden and weight pointers and FP32_EXACT=False.
+- linear CE kernels with FP32_EXACT=False, which the wrapper picks for bf16 inputs (the
+  interpreter runs them on fp32 copies, kernels/linear_ce.py): bf16 hidden and weight pointers.
 """
 
 from __future__ import annotations
@@ -77,10 +77,9 @@ def record_key(record: dict) -> str:
                       sort_keys=True)
 
 
-def gpu_equivalent(record: dict, sms: int = 132, ce_dtype: str | None = None, row_blocks: int | None = None) -> dict:
+def gpu_equivalent(record: dict, sms: int = 132, row_blocks: int | None = None) -> dict:
     """The record as a GPU with `sms` multiprocessors would key it (see the module docstring);
-    ce_dtype is the dtype the linear CE was called with when the launch is one of its kernels,
-    row_blocks the grid of the trajectory backward's rows kernel launched just before."""
+    row_blocks is the grid of the trajectory backward's rows kernel launched just before."""
     record = {**record, "signature": dict(record["signature"]), "constexprs": dict(record["constexprs"])}
     consts, sig = record["constexprs"], record["signature"]
     if record["module"].endswith("kernels.trajectory"):
@@ -89,8 +88,7 @@ def gpu_equivalent(record: dict, sms: int = 132, ce_dtype: str | None = None, ro
         if "SPLITS" in consts and record.get("grid"):
             chunks = record["grid"][0]
             consts["SPLITS"] = max(1, min(row_blocks or 1 << 30, (2 * sms) // max(1, chunks)))
-    if record["module"].endswith("kernels.linear_ce") and ce_dtype == "bf16":
-        consts["FP32_EXACT"] = False
+    if record["module"].endswith("kernels.linear_ce") and consts.get("FP32_EXACT") is False:
         for name in ("h_ptr", "w_ptr"):
             if name in sig:
                 sig[name] = "*bf16"
@@ -104,12 +102,9 @@ class LaunchRecorder:
     def __init__(self, sms: int = 132):
         self._by_key: dict[str, dict] = {}
         self.sms = sms
-        self._ce_dtype: str | None = None
         self._row_blocks: int | None = None
 
     def install(self) -> LaunchRecorder:
-        import adarec.kernels.linear_ce as linear_ce
-        import torch
         from triton.runtime.interpreter import InterpretedFunction
 
         original_run = InterpretedFunction.run
@@ -120,30 +115,22 @@ class LaunchRecorder:
             record["grid"] = list(grid) if isinstance(grid, (tuple, list)) else None
             if record["kernel"] == "_trajectory_bwd_rows_kernel" and record["grid"]:
                 recorder._row_blocks = record["grid"][0]
-            recorder.add(gpu_equivalent(record, recorder.sms, recorder._ce_dtype, recorder._row_blocks))
+            recorder.add(gpu_equivalent(record, recorder.sms, recorder._row_blocks))
             return original_run(fn, *args, grid=grid, warmup=warmup, **kwargs)
 
-        original_ce = linear_ce.fused_linear_cross_entropy
-
-        def fused_linear_cross_entropy(hidden, weight, *args, **kwargs):
-            # The dtype the CE was called with, before the interpreter's cast to float32.
-            recorder._ce_dtype = "bf16" if hidden.dtype == torch.bfloat16 else None
-            try:
-                return original_ce(hidden, weight, *args, **kwargs)
-            finally:
-                recorder._ce_dtype = None
-
         InterpretedFunction.run = run
-        linear_ce.fused_linear_cross_entropy = fused_linear_cross_entropy
         return self
 
-    def add(self, record: dict) -> None:
-        record = {k: v for k, v in record.items() if k != "grid"}
+    def add(self, record: dict, launches: int = 1) -> None:
+        record = {k: v for k, v in record.items() if k not in ("grid", "launches")}
         key = record_key(record)
         if key in self._by_key:
-            self._by_key[key]["launches"] += 1
+            self._by_key[key]["launches"] += launches
         else:
-            self._by_key[key] = {**record, "launches": 1}
+            self._by_key[key] = {**record, "launches": launches}
+
+    def reset(self) -> None:
+        self._by_key.clear()
 
     @property
     def records(self) -> list[dict]:

@@ -59,6 +59,25 @@ def test_recorded_keys_follow_tritons_specialisation_rules():
         == {"num_warps": 2}
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="the recorder hooks Triton's interpreter (on when CUDA is absent)")
+def test_a_bf16_cross_entropy_is_recorded_with_the_gpus_bf16_keys_forward_and_backward():
+    """The interpreter runs bf16 CE kernels on fp32 copies; the records are the GPU's bf16 keys
+    (FP32_EXACT=False, bf16 hidden and weight), the backward's included."""
+    from adarec.kernels.linear_ce import fused_linear_cross_entropy
+
+    recorder = LaunchRecorder().install()
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 16, generator=g).bfloat16().requires_grad_()
+    weight = torch.randn(40, 16, generator=g).bfloat16().requires_grad_()
+    fused_linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 0, 39, 7, 3])).backward()
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
+    ce = [r for r in recorder.records if r["module"].endswith("linear_ce")]
+    assert sorted(r["kernel"] for r in ce) == ["_forward_kernel", "_grad_hidden_kernel", "_grad_weight_kernel"]
+    for r in ce:
+        assert r["constexprs"]["FP32_EXACT"] is False
+        assert r["signature"]["h_ptr"] == r["signature"]["w_ptr"] == "*bf16"
+
+
 def test_gpu_equivalent_undoes_the_interpreters_substitutions():
     trajectory = {"module": "adarec.kernels.trajectory", "kernel": "_trajectory_bwd_weights_kernel",
                   "signature": {"e0_ptr": "*bf16"}, "constexprs": {"UPCAST": True, "PRECISION": "ieee", "SPLITS": 2},
@@ -70,11 +89,11 @@ def test_gpu_equivalent_undoes_the_interpreters_substitutions():
     fp32 = {**trajectory, "constexprs": {"UPCAST": False, "PRECISION": "ieee"}}
     assert gpu_equivalent(fp32)["constexprs"] == {"UPCAST": False, "PRECISION": "ieee"}
     ce = {"module": "adarec.kernels.linear_ce", "kernel": "_forward_kernel",
-          "signature": {"h_ptr": "*fp32", "w_ptr": "*fp32", "t_ptr": "*i64"}, "constexprs": {"FP32_EXACT": True},
+          "signature": {"h_ptr": "*fp32", "w_ptr": "*fp32", "t_ptr": "*i64"}, "constexprs": {"FP32_EXACT": False},
           "attrs": {}, "options": {}}
-    assert gpu_equivalent(ce, ce_dtype="bf16")["signature"] == {"h_ptr": "*bf16", "w_ptr": "*bf16", "t_ptr": "*i64"}
-    assert gpu_equivalent(ce, ce_dtype="bf16")["constexprs"] == {"FP32_EXACT": False}
-    assert record_key(gpu_equivalent(ce)) == record_key(ce)
+    assert gpu_equivalent(ce)["signature"] == {"h_ptr": "*bf16", "w_ptr": "*bf16", "t_ptr": "*i64"}
+    exact = {**ce, "constexprs": {"FP32_EXACT": True}}
+    assert record_key(gpu_equivalent(exact)) == record_key(exact)
 
 
 def test_ahead_of_time_compile_counts_and_measures_each_key_for_sm90(tmp_path):
