@@ -160,11 +160,25 @@ def test_masked_mean_ignores_padding():
     torch.testing.assert_close(masked_mean(x, ids), x[0, 2:].mean(0, keepdim=True))
 
 
+def reference_encode(encoder, ids):
+    """The reference code's encoder: left-padded ids at the full width, an additive -10000 mask
+    (causal, key is an item), under which a query with no item to attend to attends to every
+    key uniformly."""
+    ids = F.pad(ids, (encoder.max_len - ids.shape[1], 0))
+    length = ids.shape[1]
+    keep = torch.ones(length, length, dtype=torch.bool).tril()[None, None] & (ids > 0)[:, None, None, :]
+    x = encoder.embed(ids)
+    for block in encoder.blocks:
+        x = block(x, (~keep).float() * -10000.0)
+    return x
+
+
 def test_elcrec_loss_terms_match_independent_references():
     """Each ELCRec term against a reference written outside the model: the cluster term from
     pairwise distances, both contrasts from the per-row NT-Xent loop, the rec term a hand BCE.
-    The sequence representation is the mean over item positions, and the instance contrast
-    flattens the item positions' outputs (padding zeroed): docs/method.md 2.5."""
+    As in the reference code (docs/method.md 2.5): the sequence representation is the mean over
+    all L positions of the full-width outputs, padding outputs included, and the views are encoded
+    at the full width and flattened whole."""
     torch.manual_seed(0)
     model = build_model(small_cfg(name="elcrec"), num_items=30, max_len=8)
     assert isinstance(model, ELCRec) and model.needs_views
@@ -172,20 +186,17 @@ def test_elcrec_loss_terms_match_independent_references():
     loss, terms = model(batch)
     assert set(terms) == {"rec", "cluster", "instance_cl", "intent_cl"}
     with torch.no_grad():
-        h = model.encoder(batch["input_ids"])
+        full = reference_encode(model.encoder, batch["input_ids"])
+        h = full[:, -batch["input_ids"].shape[1]:]
         centers = F.normalize(model.intent_centers, dim=-1)
-        def item_mean(out, ids):
-            return torch.stack([out[r][ids[r] > 0].mean(0) for r in range(out.shape[0])])
-
-        pooled = F.normalize(item_mean(h, batch["input_ids"]), dim=-1)
+        pooled = F.normalize(full.mean(1), dim=-1)
         cluster = torch.cdist(pooled, centers).pow(2).mean() - torch.cdist(centers, centers).pow(2).mean()
-        view_ids = torch.cat([batch["view1"], batch["view2"]])
-        views = model.encoder(view_ids)
+        views = reference_encode(model.encoder, torch.cat([batch["view1"], batch["view2"]]))
         n = batch["view1"].shape[0]
-        flat = torch.where((view_ids > 0)[..., None], views, 0.0).flatten(1)
+        flat = views.flatten(1)
         instance = reference_nt_xent(flat[:n], flat[n:], 1.0)
         intent = torch.cdist(pooled, centers).argmin(1)
-        own, view_mean = centers[intent], item_mean(views, view_ids)
+        own, view_mean = centers[intent], views.mean(1)
         intent_cl = 0.5 * (reference_nt_xent(own, view_mean[:n], 1.0, intent)
                            + reference_nt_xent(own, view_mean[n:], 1.0, intent))
         emb = model.encoder.item_embeddings.weight

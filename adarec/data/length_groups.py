@@ -28,7 +28,7 @@ import torch
 
 __all__ = ["bucket_width", "evaluation_batches", "grouped_order", "padding_fraction", "sequence_lengths"]
 
-DEFAULT_GROUP_BATCHES = 50
+DEFAULT_GROUP_BATCHES = 8
 
 
 def sequence_lengths(input_ids: torch.Tensor) -> np.ndarray:

@@ -119,6 +119,7 @@ def _anchor_constants(max_depth: int, batch: int, device: torch.device) -> tuple
 
 class ADARec(ELCRec):
     needs_views = True
+    reference_representation = False   # the ELCRec terms read the item-position mean of h
 
     def __init__(self, cfg, num_items: int, max_len: int, kernel_backend: str = "auto"):
         super().__init__(cfg, num_items, max_len)

@@ -40,6 +40,7 @@ EXPLORATION_WEIGHT = 1e-4
 
 class NoisedELCRec(ELCRec):
     """One expert of adarec-dual."""
+    reference_representation = False   # the ELCRec terms read the item-position mean of its output
 
     def __init__(self, cfg, num_items: int, max_len: int, steps: tuple[int, ...]):
         super().__init__(cfg, num_items, max_len)

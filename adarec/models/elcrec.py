@@ -25,6 +25,14 @@ from .sasrec import SASRec
 log = logging.getLogger(__name__)
 
 
+def left_padded(ids: torch.Tensor, length: int) -> torch.Tensor:
+    """Left-padded ids [B, W] padded on the left to [B, length], in the same two launches (a fill
+    and a copy) whatever W, so a step's launch count does not depend on its batch's width."""
+    full = ids.new_zeros((ids.shape[0], length))
+    full[:, length - ids.shape[1]:] = ids
+    return full
+
+
 def sequence_mean(hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """ELCRec's sequence representation: the mean of the outputs over the item positions.
 
@@ -38,6 +46,9 @@ def sequence_mean(hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor
 
 class ELCRec(SASRec):
     needs_views = True
+    # forward's sequence representation is the reference's full-width mean (subclasses that
+    # build their own representation set False: theirs is the item-position mean).
+    reference_representation = True
 
     def __init__(self, cfg, num_items: int, max_len: int):
         super().__init__(cfg, num_items, max_len)
@@ -49,13 +60,17 @@ class ELCRec(SASRec):
         self.kmeans_init = cfg.kmeans_init
         self.intent_centers = nn.Parameter(torch.randn(cfg.num_intent_clusters, cfg.hidden_size) * 0.02)
 
-    def elcrec_terms(self, hidden: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-        """The ELCRec losses for a batch whose main sequence encodes to `hidden`.
+    def elcrec_terms(self, hidden: torch.Tensor, batch: dict,
+                     representation: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The ELCRec losses for a batch whose main sequence encodes to `hidden`; `representation`
+        [B, D] replaces the item-position mean of `hidden` as the sequence representation.
 
         Kept separate from forward so that models built on this backbone (ADARec) reuse it.
         """
         centers = F.normalize(self.intent_centers.float(), dim=-1)
-        pooled = F.normalize(sequence_mean(hidden, batch["input_ids"]).float(), dim=-1)
+        if representation is None:
+            representation = sequence_mean(hidden, batch["input_ids"])
+        pooled = F.normalize(representation.float(), dim=-1)
         terms = {"cluster": cluster_loss(pooled, centers)}
         # Intent of each user: its nearest centre (a hard, non-differentiable assignment).
         intent = (pooled.detach() @ centers.detach().t()).argmax(1)
@@ -69,7 +84,7 @@ class ELCRec(SASRec):
         # keeps 20% of the items, a mask 30%), the contrast stays at chance and validation stops
         # improving early (measured, docs/method.md 2.5).
         views = torch.cat([batch["view1"], batch["view2"]])
-        views = F.pad(views, (self.encoder.max_len - views.shape[1], 0))
+        views = left_padded(views, self.encoder.max_len)
         view_out = self.encoder(views, reference_padding=True)
         n = batch["view1"].shape[0]
         flat = self.with_prototypes(view_out, centers).flatten(1)
@@ -81,6 +96,14 @@ class ELCRec(SASRec):
             + nt_xent(own_center, view_pooled[n:], self.temperature, groups=intent)
         )
         return terms
+
+    def initial_representation(self, ids: torch.Tensor) -> torch.Tensor:
+        """The sequence representation the k-means of `prepare` clusters, the one training uses:
+        for ELCRec the reference's mean over all L positions of the full-width outputs; models
+        built on the backbone (ADARec, the dual model) use the item-position mean of theirs."""
+        if self.reference_representation:
+            return self.full_width_outputs(ids).mean(1)
+        return sequence_mean(self.encoder(ids), ids)
 
     def with_prototypes(self, out: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
         """Intent-assisted instance contrast: add (shift) or append (concat) each position's
@@ -97,12 +120,24 @@ class ELCRec(SASRec):
                 + self.trade_off * terms["cluster"])
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        hidden = self.encoder(batch["input_ids"])
+        ids = batch["input_ids"]
+        width = ids.shape[1]
+        # The main sequence at the full width with the reference's padding attention: its item
+        # outputs are those of the trimmed batch (an item query never reads padding), and the mean
+        # over all L positions, padding outputs pooling the row, is the reference's sequence
+        # representation (docs/method.md 2.5).
+        full = self.full_width_outputs(ids)
+        hidden = full[:, full.shape[1] - width:]
         with nvtx.phase("losses"):
             terms = {"rec": self.rec_loss(hidden, batch)}
-            terms.update(self.elcrec_terms(hidden, batch))
+            terms.update(self.elcrec_terms(hidden, batch, representation=full.mean(1)))
             loss = terms["rec"] + self.weighted_elcrec(terms)
         return loss, {k: v.detach() for k, v in terms.items()}
+
+    def full_width_outputs(self, ids: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs [B, L, D] of a (possibly trimmed) batch padded back to the full width L,
+        with the reference's padding attention: a padding query attends to every key."""
+        return self.encoder(left_padded(ids, self.encoder.max_len), reference_padding=True)
 
     @torch.no_grad()
     def prepare(self, split, device, seed: int, batch_size: int = 1024) -> None:
@@ -118,7 +153,7 @@ class ELCRec(SASRec):
         pooled = []
         for start in range(0, split.train_input.shape[0], batch_size):
             ids = split.train_input[start:start + batch_size].to(device)
-            pooled.append(F.normalize(sequence_mean(self.encoder(ids), ids).float(), dim=-1).cpu())
+            pooled.append(F.normalize(self.initial_representation(ids).float(), dim=-1).cpu())
         x = np.ascontiguousarray(torch.cat(pooled).numpy(), dtype=np.float32)
         k = self.intent_centers.shape[0]
         if x.shape[0] < k:
