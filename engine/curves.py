@@ -41,10 +41,17 @@ def plot_curves(run_dir: Path, out_name: str = "curves.png") -> Path | None:
         ax_rank.legend(fontsize=8)
     ax_loss.plot([r["epoch"] for r in epochs], [r["loss"] for r in epochs], color="black")
     ax_loss.set(title="training loss", xlabel="epoch", ylabel="loss")
+    return save_figure(fig, run_dir / out_name, dpi=110)
+
+
+def save_figure(fig, out: Path, dpi: int) -> Path:
+    """Lay out, save and close a matplotlib figure; written under a temporary name and renamed, so
+    a reader never sees a half-written image."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    out = run_dir / out_name
-    tmp = out.with_name(f".{out_name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(out)
     return out

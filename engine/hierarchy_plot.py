@@ -12,6 +12,7 @@ import logging
 import re
 from pathlib import Path
 
+from .curves import save_figure
 from .run_log import current_rows, read_jsonl
 
 PANELS = (("deno", "L_deno per level (1 = predicting eps = 0)"),
@@ -59,13 +60,7 @@ def plot_hierarchy(run_dir: Path, out_name: str = "hierarchy.png") -> Path | Non
             ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
     ax.set(title="depth controller", xlabel="epoch")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = run_dir / out_name
-    tmp = out.with_name(f".{out_name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, run_dir / out_name, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:
