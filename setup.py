@@ -58,21 +58,30 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
+    # Ranges that should work, bounded below the next major version; constraints.txt is the set
+    # CI runs (docs/install.md).
     install_requires=[
         # The CPU quick start pins torch==2.13.0 on the command line so that this range does
         # not pull a multi-GB CUDA build; GPU machines bring their own torch.
-        "torch>=2.4",
-        "triton>=3.0",
-        "deepspeed>=0.15",
-        "numpy>=1.24",
-        "faiss-cpu>=1.8",
-        "nvtx>=0.2.10",
-        "tqdm>=4.66",
-        "pyyaml>=6.0",
-        "tensorboard>=2.14",
-        "matplotlib>=3.7",
+        "torch>=2.4,<3",
+        "triton>=3.0,<4",
+        "deepspeed>=0.15,<1",
+        "numpy>=1.24,<3",
+        # Training needs it too: the intent centres' k-means (ELCRec, ADARec), not only serving.
+        "faiss-cpu>=1.8,<2",
+        "nvtx>=0.2.10,<1",
+        "tqdm>=4.66,<5",
+        "pyyaml>=6.0,<7",
+        "pydantic>=2.7,<3",
     ],
-    extras_require={"dev": ["pytest>=7.4", "ruff>=0.5"]},
+    extras_require={
+        # Optional: without them a run logs one warning and writes no TensorBoard events or figures.
+        "tensorboard": ["tensorboard>=2.14,<3"],
+        "plots": ["matplotlib>=3.7,<4"],
+        "all": ["tensorboard>=2.14,<3", "matplotlib>=3.7,<4"],
+        "dev": ["tensorboard>=2.14,<3", "matplotlib>=3.7,<4", "pytest>=7.4,<10", "ruff>=0.5,<1",
+                "vermin>=1.6,<2"],
+    },
     entry_points={"console_scripts": ["adarec=adarec.cli:main"]},
     ext_modules=EXTENSIONS,
     cmdclass=CMDCLASS,

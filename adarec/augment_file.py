@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from adarec.config import RunConfig, resolve_data_path
-from adarec.data import read_sequences
 from adarec.data.io import UserSequences
 from adarec.data.split import input_layout, right_aligned
 from adarec.errors import AdarecError
@@ -114,7 +113,10 @@ def write_augmented(cfg: RunConfig, run_dir, output_path, device: torch.device |
     source = resolve_data_path(cfg)
     if output_path.resolve() == source.resolve():
         raise AdarecError(f"{output_path}: is the source data file; choose another --output")
-    seqs = read_sequences(source, max_users=cfg.data.max_users)
+    from adarec.engine.data_setup import read_run_sequences
+
+    # As the generator's run read it (data.max_users, then the data filters), so that its weights fit.
+    seqs = read_run_sequences(cfg)
     model, epoch = load_generator(cfg, run_dir, int(seqs.num_items), device)
     k = model.k
     prefixes = generate_prefixes(model, guide_rows(seqs, k, model.max_len), device, batch_size)

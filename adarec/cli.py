@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from .errors import AdarecError
+from .summarize import add_arguments as add_summarize_arguments
+from .summarize import summarize_command
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,8 +125,31 @@ def recommend_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def version_text() -> str:
+    """`adarec --version`: this package's version, then the engine's main dependencies (read from
+    the installed packages' metadata, nothing imported)."""
+    from .engine.run_record import package_versions
+
+    versions = package_versions()
+    deps = ", ".join(f"{name} {versions[name] or 'not installed'}" for name in ("torch", "triton", "deepspeed"))
+    return f"adarec {versions['adarec']}\n{deps}; python {versions['python']}"
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed when asked for (not each time the parser is built)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adarec", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of adarec, torch, triton and deepspeed and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model (DeepSpeed engine)")
     add_train_arguments(train)
@@ -166,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--json", action="store_true", help="print one JSON list of {user, items, scores}")
     rec.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     rec.set_defaults(func=recommend_command)
+    summ = sub.add_parser("summarize", help="one table row per run folder (seeds folded into mean ± std), "
+                                            "markdown or CSV; --update regenerates a markdown file's tables")
+    add_summarize_arguments(summ)
+    summ.set_defaults(func=summarize_command)
     return parser
 
 

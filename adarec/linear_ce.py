@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adarec.config import KernelsConfig
+from adarec.config import CE_ITEM_CHUNK
 
 REDUCTIONS = ("mean", "sum")
 # The Triton kernels hold a whole hidden row in registers (kernels/linear_ce.py).
@@ -165,7 +165,7 @@ def kept_softmax_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                                  ignore_index: int = -100, reduction: str = "mean",
-                                 item_chunk: int = KernelsConfig.ce_item_chunk):
+                                 item_chunk: int = CE_ITEM_CHUNK):
     """The loss of `linear_cross_entropy` with at most R x item_chunk logits alive at a time."""
     check_inputs(hidden, weight, target, reduction)
     if item_chunk < 1:

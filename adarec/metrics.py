@@ -1,8 +1,9 @@
-"""Full-ranking HR@K / NDCG@K: the single place where ranking metrics are computed.
+"""Full-ranking HR@K / NDCG@K / MRR@K: the single place where ranking metrics are computed.
 
 Protocol (docs/method.md section 4): every item is a candidate, the user's history is excluded
 (-inf), the padding row 0 and the mask row N+1 are never ranked, one relevant item per user,
-NDCG = 1 / log2(rank + 2), averages are over users.
+NDCG = 1 / log2(rank + 2), MRR = 1 / (rank + 1) (both 0 from rank K on, like HR), averages are
+over users.
 
 Ties are broken against the target (pessimistic rank: every other candidate scoring at least as
 high counts as ranked above it), so a model that scores everything equally earns nothing. A NaN
@@ -33,15 +34,19 @@ from collections.abc import Sequence
 
 import torch
 
-from adarec.config import EvalConfig
+from adarec.config import EVAL_ITEM_CHUNK
 from adarec.models.scoring import inner_product_scores
 
 PROTOCOLS = ("full", "compat", "unmasked")
 
 
+METRICS = ("HR", "NDCG", "MRR")
+"""The ranking metrics, in the order they are logged."""
+
+
 def metric_names(ks: Sequence[int]) -> list[str]:
-    """The metric keys in the order they are logged: HR@k for all k, then NDCG@k."""
-    return [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks]
+    """The metric keys in the order they are logged: HR@k for all k, then NDCG@k, then MRR@k."""
+    return [f"{metric}@{k}" for metric in METRICS for k in ks]
 
 
 def _check_exclude(exclude: torch.Tensor, rows: int, num_cols: int) -> None:
@@ -182,7 +187,7 @@ def chunked_target_ranks(
     *,
     never_rank: Sequence[int] = (0,),
     protocol: str = "full",
-    item_chunk: int = EvalConfig.item_chunk,
+    item_chunk: int = EVAL_ITEM_CHUNK,
     with_nonfinite: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """target_ranks(mask_scores(query @ table.T, ...)) without the [B, N+2] score matrix; with
@@ -232,22 +237,20 @@ def chunked_target_ranks(
 
 
 def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
-    """Average HR@K and NDCG@K over users from 0-based ranks (rank >= K is a miss)."""
+    """Average HR@K, NDCG@K and MRR@K over users from 0-based ranks (rank >= K is a miss)."""
     sums = metric_sums(ranks, ks)
     n = max(int(ranks.numel()), 1)
     return {name: float(value) / n for name, value in sums.items()}
 
 
 def metric_sums(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Per-metric sums over users (device tensors), so batches and ranks can be added up."""
+    """Per-metric sums over users (device tensors), so batches and ranks can be added up; keys
+    in metric_names order."""
     ranks = ranks.double()
-    gains = 1.0 / torch.log2(ranks + 2.0)
-    out: dict[str, torch.Tensor] = {}
-    for k in ks:
-        out[f"HR@{k}"] = (ranks < k).double().sum()
-    for k in ks:
-        out[f"NDCG@{k}"] = torch.where(ranks < k, gains, torch.zeros_like(gains)).sum()
-    return out
+    per_user = {"HR": torch.ones_like(ranks), "NDCG": 1.0 / torch.log2(ranks + 2.0), "MRR": 1.0 / (ranks + 1.0)}
+    zeros = torch.zeros_like(ranks)
+    return {f"{metric}@{k}": torch.where(ranks < k, per_user[metric], zeros).sum()
+            for metric in METRICS for k in ks}
 
 
 def rank_metrics(
@@ -259,7 +262,7 @@ def rank_metrics(
     never_rank: Sequence[int] = (0,),
     protocol: str = "full",
 ) -> dict[str, float]:
-    """HR@K and NDCG@K of one batch of full-ranking scores, averaged over its users.
+    """HR@K, NDCG@K and MRR@K of one batch of full-ranking scores, averaged over its users.
 
     scores: [B, C] with column c = item id c (column 0 = padding; the mask row, if the model
     scores it, is passed in never_rank). targets: [B] item ids. exclude: bool [B, C] or a
@@ -276,3 +279,8 @@ def rank_metrics(
 def ndcg_gain(rank: int) -> float:
     """NDCG of one hit at 0-based rank (for documentation and brute-force checks)."""
     return 1.0 / math.log2(rank + 2)
+
+
+def reciprocal_rank(rank: int) -> float:
+    """MRR of one hit at 0-based rank (for documentation and brute-force checks)."""
+    return 1.0 / (rank + 1)

@@ -13,7 +13,8 @@ def plot_curves(run_dir: Path, out_name: str = "curves.png") -> Path | None:
     try:
         import matplotlib
     except ImportError as exc:
-        logging.getLogger("adarec.train").warning("no %s: %s", out_name, exc)
+        logging.getLogger("adarec.train").warning("no %s (%s; install matplotlib to draw it)",
+                                                  out_name, exc)
         return None
 
     matplotlib.use("Agg")
@@ -34,12 +35,13 @@ def plot_curves(run_dir: Path, out_name: str = "curves.png") -> Path | None:
             # One colour per K (or per member): HR dashed, NDCG solid, so the pairs read together.
             index = si if len(splits) > 1 else cutoffs.index(int(key.split("@")[1]))
             label = key if len(splits) == 1 else f"{split.split('/')[-1]} {key}"
+            # Markers, so that a run of one evaluation (a single point) still shows.
             ax_rank.plot([r["epoch"] for r in rows], [r[key] for r in rows], label=label, color=f"C{index}",
-                         linestyle="-" if key.startswith("NDCG") else "--")
+                         linestyle="-" if key.startswith("NDCG") else "--", marker="o", markersize=3)
     ax_rank.set(title="validation", xlabel="epoch", ylabel="metric")
     if evals:
         ax_rank.legend(fontsize=8)
-    ax_loss.plot([r["epoch"] for r in epochs], [r["loss"] for r in epochs], color="black")
+    ax_loss.plot([r["epoch"] for r in epochs], [r["loss"] for r in epochs], color="black", marker="o", markersize=3)
     ax_loss.set(title="training loss", xlabel="epoch", ylabel="loss")
     return save_figure(fig, run_dir / out_name, dpi=110)
 

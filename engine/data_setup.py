@@ -14,6 +14,17 @@ from adarec.models import model_class
 log = logging.getLogger("adarec.data")
 
 
+def read_run_sequences(cfg: RunConfig):
+    """The sequences of the configured data file as every consumer of a run reads them (training,
+    `adarec evaluate`, serving, `adarec augment`): data.max_users first, then the interaction-count
+    filters data.min_user_items / data.min_item_users (adarec/data/filters.py), so that item ids
+    and the catalog size agree with the run's weights."""
+    data = cfg.data
+    return read_sequences(resolve_data_path(cfg), max_users=data.max_users,
+                          min_user_items=getattr(data, "min_user_items", 0) or 0,
+                          min_item_users=getattr(data, "min_item_users", 0) or 0)
+
+
 def load_split(cfg: RunConfig, device: torch.device, training_rows: str | None = None):
     """The split on ``device``. training_rows: users (one row per user, a target at every
     position) or prefixes (one row per training target, adarec/data/prefixes.py); None: what
@@ -21,7 +32,7 @@ def load_split(cfg: RunConfig, device: torch.device, training_rows: str | None =
     if training_rows is None:
         training_rows = getattr(model_class(cfg.model.name), "training_rows", "users")
     path = resolve_data_path(cfg)
-    seqs = read_sequences(path, max_users=cfg.data.max_users)
+    seqs = read_run_sequences(cfg)
     split = build_split(seqs, cfg.data.max_len, cfg.data.shorten_seq_to, cfg.data.augmented_prefix)
     if training_rows == "prefixes":
         split = expand_prefixes(seqs, split, cfg.data.augmented_prefix)

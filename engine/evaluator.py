@@ -18,12 +18,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from adarec.config import EvalConfig
+from adarec.config import EVAL_ITEM_CHUNK
 from adarec.data.length_groups import evaluation_batches, sequence_lengths
 from adarec.errors import AdarecError
 from adarec.metrics import chunked_target_ranks, mask_scores, metric_sums, nonfinite_rows, target_ranks
 
-DEFAULT_ITEM_CHUNK = EvalConfig.item_chunk
+DEFAULT_ITEM_CHUNK = EVAL_ITEM_CHUNK
 NONFINITE = "nonfinite_users"
 """The key of batch_metric_sums' count of users with a NaN or +inf score (not a metric)."""
 

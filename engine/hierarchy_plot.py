@@ -35,7 +35,8 @@ def plot_hierarchy(run_dir: Path, out_name: str = "hierarchy.png") -> Path | Non
     try:
         import matplotlib
     except ImportError as exc:
-        logging.getLogger("adarec.train").warning("no %s: %s", out_name, exc)
+        logging.getLogger("adarec.train").warning("no %s (%s; install matplotlib to draw it)",
+                                                  out_name, exc)
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

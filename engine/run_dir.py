@@ -25,7 +25,7 @@ from pathlib import Path
 from adarec.errors import AdarecError
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "epochs.jsonl", "train.log", "checkpoints", "best_model.pt",
-             "test_metrics.json", "ds_config.json", "tensorboard")
+             "test_metrics.json", "ds_config.json", "tensorboard", "run.json")
 """What a run writes into its folder (any one of them marks the folder as a run's)."""
 
 

@@ -1,6 +1,7 @@
 """What a run writes besides checkpoints: train.log, metrics.jsonl, epochs.jsonl, TensorBoard.
 
-metrics.jsonl holds one JSON object per evaluation (epoch, split, HR@K..., NDCG@K...);
+metrics.jsonl holds one JSON object per evaluation (epoch, split, HR@K..., NDCG@K...,
+MRR@K...; rows written before MRR@K was added lack it);
 epochs.jsonl one per training epoch (loss terms, step time, samples/s). Both are append-only:
 no row is ever rewritten or deleted. When a run resumes, a marker row
 {"event": "resumed", "epoch": N, "superseded": [...]} is appended to both; it supersedes the
@@ -30,6 +31,9 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
+    # Records logged with extra={"file_only": True} (the resolved config at the top of train.log)
+    # stay out of the console.
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
     root.addHandler(console)
     if run_dir is not None and is_main:
         file = logging.FileHandler(Path(run_dir) / "train.log")
@@ -80,10 +84,12 @@ class RunLog:
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                # The JSON logs are the record; TensorBoard is a view of them (a bare GPU machine
-                # may not have it installed).
-                logging.getLogger("adarec.train").warning("no TensorBoard events: %s", exc)
+            except Exception as exc:
+                # The JSON logs are the record; TensorBoard is a view of them (an optional extra,
+                # which a bare GPU machine may not have, or an install that fails to import).
+                logging.getLogger("adarec.train").warning(
+                    "no TensorBoard events (%s: %s); install tensorboard for them, the run goes on without",
+                    type(exc).__name__, exc)
             else:
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
 
@@ -121,6 +127,43 @@ class RunLog:
             if isinstance(value, (int, float)):
                 self._tb.add_scalar(f"train/{name}", value, epoch)
 
+    def hparams(self, config: dict, metrics: dict[str, float]) -> None:
+        """A TensorBoard HParams entry in the run's events: the config flattened to section.key
+        (flatten_hparams) and `metrics` ({name: value}), each metric also written as the scalar
+        `hparam/<name>` that the HParams dashboard reads."""
+        if self._tb is None:
+            return
+        try:
+            from torch.utils.tensorboard.summary import hparams
+
+            tagged = {f"hparam/{name}": float(value) for name, value in metrics.items()}
+            writer = self._tb._get_file_writer()
+            for summary in hparams(flatten_hparams(config), tagged):
+                writer.add_summary(summary)
+            for tag, value in tagged.items():
+                self._tb.add_scalar(tag, value)
+            self._tb.flush()
+        except Exception as exc:    # a view of the logs; never the end of a finished run
+            logging.getLogger("adarec.train").warning("no TensorBoard hparams entry: %s: %s",
+                                                      type(exc).__name__, exc)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def flatten_hparams(config: dict, prefix: str = "") -> dict[str, object]:
+    """{section: {key: value}} -> {"section.key": value} with the value types TensorBoard's hparams
+    accept: bool, int, float and str as they are, None as "null", lists and dicts as JSON text."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value) and not prefix:
+            flat.update(flatten_hparams(value, f"{name}."))
+        elif value is None:
+            flat[name] = "null"
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value, default=str)
+    return flat

@@ -29,7 +29,7 @@ from adarec.profiling.opcount import optimizer_range
 from tqdm import tqdm
 
 from adarec.backends import check_backend_runs_here
-from adarec.config import RunConfig, save_config
+from adarec.config import RunConfig, config_to_dict, save_config
 from adarec.errors import AdarecError
 from adarec.models import build_members, scorer
 
@@ -62,6 +62,7 @@ from .output_dir import check_free_space, checkpoint_bytes_estimate, probe_outpu
 from .rank_watch import RankWatch
 from .run_dir import claim_run_dir, removed_if_setup_fails
 from .run_log import RunLog, setup_logging
+from .run_record import end_record, package_versions, source_commit, start_record, utc_now, versions_line
 
 log = logging.getLogger("adarec.train")
 CHECKPOINTS = "checkpoints"
@@ -467,6 +468,10 @@ class Trainer:
             atomic_write_json(self.run_dir / "test_metrics.json", result)
             plot_curves(self.run_dir)
             plot_hierarchy(self.run_dir)
+        select = self.cfg.eval.select_metric
+        best = {f"best_valid_{select}" if self.single else f"best_valid_{select}/{name}": m.best_metric
+                for name, m in self.state.members.items() if math.isfinite(m.best_metric)}
+        self.runlog.hparams(config_to_dict(self.cfg), {**best, **{f"test_{k}": v for k, v in metrics.items()}})
         log.info("test (best epoch %d): %s", best_epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         self.runlog.close()
         return result
@@ -487,12 +492,16 @@ def run_training(cfg: RunConfig, run_dir: Path, resume: bool = False, overwrite:
     aside), so two runs' rows never mix in one metrics.jsonl; a folder the call creates is removed
     again if the run fails before training starts (engine/run_dir.py)."""
     run_dir = Path(run_dir)
+    start_time = utc_now()
     is_main = os.environ.get("RANK", "0") == "0"
     if not resume and is_main:
         claim_run_dir(run_dir, overwrite)
     with removed_if_setup_fails(run_dir, enabled=is_main and not resume):
         probe_output_dir(run_dir)               # creates it; an unwritable folder fails here, not at epoch 1
         setup_logging(run_dir, is_main)
+        versions, git = (package_versions(), source_commit()) if is_main else ({}, {})
+        if is_main:
+            _log_header(cfg, versions, git, resume)
         nvtx.enable(cfg.profiling.nvtx)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
@@ -511,7 +520,36 @@ def run_training(cfg: RunConfig, run_dir: Path, resume: bool = False, overwrite:
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
             atomic_write_json(run_dir / "ds_config.json", trainer.ds_config)
-    # A rank that dies mid-run ends the others with a message naming it, not a bare gloo/NCCL error. Its
-    # heartbeats live in run_dir/.ranks, so run_dir must be on a file system all nodes share (as for checkpoints).
-    with RankWatch(run_dir, dist.rank, dist.world_size, run_dir / CHECKPOINTS):
-        return trainer.fit()
+            start_record(run_dir, start_time=start_time, resume=resume, device=trainer.device,
+                         precision=trainer.precision, world_size=dist.world_size, versions=versions, git=git)
+    try:
+        # A rank that dies mid-run ends the others with a message naming it, not a bare gloo/NCCL error. Its
+        # heartbeats live in run_dir/.ranks, so run_dir must be on a file system all nodes share (as for
+        # checkpoints).
+        with RankWatch(run_dir, dist.rank, dist.world_size, run_dir / CHECKPOINTS):
+            result = trainer.fit()
+    except KeyboardInterrupt:
+        if dist.is_main:
+            end_record(run_dir, "interrupted")
+        raise
+    except BaseException as err:
+        if dist.is_main:
+            end_record(run_dir, "failed", f"{type(err).__name__}: {err}")
+        raise
+    if dist.is_main:
+        end_record(run_dir, "completed")
+    return result
+
+
+def _log_header(cfg: RunConfig, versions: dict, git: dict, resume: bool) -> None:
+    """The first lines of a run's (or a resume's) train.log: versions and commit, then the resolved
+    config as YAML. File only: the console starts with the run's own lines (and a bad data file or
+    config ends it with nothing but the error)."""
+    import yaml
+
+    commit = git.get("commit")
+    where = "unknown" if commit is None else commit[:12] + (" (dirty)" if git.get("dirty") else "")
+    log.info("%s adarec run: %s; commit %s", "resuming" if resume else "new", versions_line(versions), where,
+             extra={"file_only": True})
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None).rstrip()
+    log.info("config (resolved):\n%s", text, extra={"file_only": True})

@@ -33,7 +33,7 @@ import torch
 from adarec.profiling.timing import RowWriter, environment, summarize, time_callable
 
 from adarec.backends import linear_ce_function
-from adarec.config import EvalConfig, KernelsConfig
+from adarec.config import CE_ITEM_CHUNK, EVAL_ITEM_CHUNK
 from adarec.linear_ce import chunked_linear_cross_entropy, linear_cross_entropy
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rows", type=int, default=2048, help="hidden rows per CE step (256 x 50 = 12800 on a GPU)")
     parser.add_argument("--users", type=int, default=256, help="users per evaluation batch")
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--ce-item-chunk", type=int, default=KernelsConfig.ce_item_chunk)
-    parser.add_argument("--eval-item-chunk", type=int, default=EvalConfig.item_chunk)
+    parser.add_argument("--ce-item-chunk", type=int, default=CE_ITEM_CHUNK)
+    parser.add_argument("--eval-item-chunk", type=int, default=EVAL_ITEM_CHUNK)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="CE inputs (bf16 on a GPU)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -234,8 +234,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{case['phase']:9s} {case['impl']:9s} N={case['items']:>9,d}  {result['status']} {shown}", flush=True)
     rows = writer.rows
     paths = writer.finish()
-    plot(rows, Path(args.out) / "catalog_memory.png")
-    print(f"wrote {paths['md']} and {Path(args.out) / 'catalog_memory.png'}")
+    figure = Path(args.out) / "catalog_memory.png"
+    try:
+        plot(rows, figure)
+    except ImportError as exc:   # matplotlib is the optional [plots] extra; the tables are the record
+        print(f"no {figure.name}: {exc}")
+        figure = None
+    print(f"wrote {paths['md']}" + (f" and {figure}" if figure else ""))
     return rows
 
 

@@ -34,10 +34,15 @@ def parameter_groups(model) -> dict[str, list[torch.nn.Parameter]]:
 
 def term_gradient_norms(model, batch) -> dict[str, dict[str, float]]:
     """{term: {"value": v, group: ||d(weight * term)/d group||}} for rec and the ELCRec terms."""
-    hidden = model.encoder(batch["input_ids"])
-    terms = {"rec": model.rec_loss(hidden, batch)}
+    ids = batch["input_ids"]
     if hasattr(model, "elcrec_terms"):
-        terms.update(model.elcrec_terms(hidden, batch))
+        # As ELCRec's forward: the full-width outputs give the item outputs and the representation.
+        full = model.full_width_outputs(ids)
+        hidden = full[:, full.shape[1] - ids.shape[1]:]
+        terms = {"rec": model.rec_loss(hidden, batch), **model.elcrec_terms(batch, full.mean(1))}
+    else:
+        hidden = model.encoder(ids)
+        terms = {"rec": model.rec_loss(hidden, batch)}
     out = {}
     for name, value in terms.items():
         weighted = WEIGHTS.get(name, lambda m: 1.0)(model) * value

@@ -1,6 +1,8 @@
 """Config loading, overrides, type and value checks, docs and data-path resolution."""
 
-import dataclasses
+import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from adarec.config import (
     config_to_dict,
     describe_keys,
     field_docs,
+    key_schemas,
     load_config,
     resolve_data_path,
     save_config,
@@ -141,9 +144,10 @@ def test_overrides_of_every_type(tmp_path):
 
 
 def test_bool_type_is_checked():
-    assert C._coerce(True, bool, "s.flag", "w") is True
-    with pytest.raises(ConfigError, match=r"w: s.flag must be true or false, got 1 \(int\)"):
-        C._coerce(1, bool, "s.flag", "w")
+    assert load_config(None, ["profiling.nvtx=true"]).profiling.nvtx is True
+    with pytest.raises(ConfigError, match=r"^--set profiling.nvtx=1: profiling.nvtx must be true or false, "
+                       r"got 1 \(int\)$"):
+        load_config(None, ["profiling.nvtx=1"])
 
 
 def test_apply_overrides_copies_and_validates():
@@ -165,7 +169,7 @@ def test_unknown_key_in_file_lists_valid_keys(tmp_path):
     msg = str(err.value)
     assert msg.startswith(f"{path}: unknown key 'train.lrr'; valid keys in 'train': ")
     valid = msg.split("valid keys in 'train': ")[1].split(", ")
-    assert valid == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert valid == list(TrainConfig.model_fields)
 
 
 def test_unknown_key_in_override_lists_valid_keys():
@@ -257,7 +261,7 @@ def test_section_must_be_a_mapping(tmp_path):
     ("eval.ks=[]", "eval.ks must be a non-empty list"),
     ("eval.ks=[0, 20]", "eval.ks must be a non-empty list of integers >= 1"),
     ("data.shorten_seq_to=0", "data.shorten_seq_to must be >= 1 or null"),
-    ("eval.select_metric=MRR@20", "eval.select_metric must look like HR@K or NDCG@K"),
+    ("eval.select_metric=MAP@20", "eval.select_metric must be HR@K, NDCG@K or MRR@K"),
     ("eval.select_metric=NDCG@50", "eval.select_metric needs its K in eval.ks [5, 10, 20]"),
     ("train.adam_betas=[0.9]", "train.adam_betas must be two numbers in [0, 1)"),
     ("train.grad_clip=-1", "train.grad_clip must be >= 0"),
@@ -345,7 +349,7 @@ def test_config_from_dict_checks():
 @pytest.mark.parametrize("section, cls", SECTIONS.items())
 def test_field_docs_cover_every_field(section, cls):
     docs = field_docs(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = list(cls.model_fields)
     assert list(docs) == names
     assert all(len(doc.strip()) > 10 for doc in docs.values()), docs
     assert getattr(RunConfig(), section).__class__ is cls
@@ -360,11 +364,11 @@ def test_field_docs_reads_the_docstring_after_the_field():
 def test_describe_keys_lists_every_key():
     table = describe_keys()
     lines = table.splitlines()
-    assert lines[0].split() == ["key", "type", "default", "description"]
+    assert lines[0].split() == ["key", "type", "default", "values", "description"]
     for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            row = next(line for line in lines if line.split()[0] == f"{section}.{f.name}")
-            assert field_docs(cls)[f.name].split()[0] in row
+        for name in cls.model_fields:
+            row = next(line for line in lines if line.split()[0] == f"{section}.{name}")
+            assert field_docs(cls)[name].split()[0] in row
     row = next(line for line in lines if line.startswith("eval.ks "))
     assert row.split()[1:4] == ["list[int]", "[5,", "10,"]
     row = next(line for line in lines if line.startswith("data.shorten_seq_to "))
@@ -393,3 +397,255 @@ def test_resolve_data_path_missing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="data.path 'data/Nope.txt': file not found"):
         resolve_data_path(DataConfig(path="data/Nope.txt"))
+
+
+# ----------------------------------------------------------------------------- generated from the fields
+
+SCHEMAS = key_schemas()
+# Settings another key needs before a value is valid (rules between keys).
+NEEDS = {("train.grad_merge", "pcgrad"): ["model.name=adrec"]}
+
+
+def one_line_error(overrides):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    msg = str(err.value)
+    assert "\n" not in msg and "pydantic" not in msg.lower() and "validation error" not in msg.lower(), msg
+    return msg
+
+
+def help_row(key):
+    return next(line for line in describe_keys().splitlines() if line.split()[0] == key)
+
+
+def choices(schema):
+    """The values a choice key lists, and whether the key holds a list of them."""
+    if "enum" in schema:
+        return list(schema["enum"]), False
+    if schema.get("type") == "array" and "enum" in schema["items"]:
+        return list(schema["items"]["enum"]), True
+    return None, False
+
+
+CHOICE_KEYS = sorted(key for key, schema in SCHEMAS.items() if choices(schema)[0])
+
+
+def test_every_choice_key_is_found():
+    assert {"model.name", "model.rec_loss", "model.ablate", "model.level_schedule", "train.device",
+            "train.grad_merge", "eval.protocol", "kernels.backend"} <= set(CHOICE_KEYS)
+    assert choices(SCHEMAS["model.name"])[0] == list(C.MODEL_NAMES)
+    assert choices(SCHEMAS["model.ablate"])[0] == list(C.ABLATIONS)
+
+
+@pytest.mark.parametrize("key", CHOICE_KEYS)
+def test_every_listed_choice_is_accepted_and_others_refused(key):
+    section, name = key.split(".")
+    options, is_list = choices(SCHEMAS[key])
+    assert "|".join(options) in help_row(key)  # the help lists exactly these
+    for option in options:
+        value = [option] if is_list else option
+        cfg = load_config(None, [f"{key}={json.dumps(value)}", *NEEDS.get((key, option), [])])
+        assert getattr(getattr(cfg, section), name) == value
+    bad = "not-a-choice"
+    item = f"{key}={json.dumps([bad] if is_list else bad)}"
+    msg = one_line_error([item])
+    assert msg.startswith(f"--set {item}: {key} must ") and repr(bad) in msg
+    if not is_list:
+        assert msg == f"--set {item}: {key} must be one of {', '.join(options)}, got {bad!r}"
+
+
+def bounds(schema):
+    """(bound keyword, bound) pairs of a numeric key or of a list key's items."""
+    target = schema["items"] if schema.get("type") == "array" else schema
+    kinds = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+    return [(kind, target[kind]) for kind in kinds if kind in target], target["type"]
+
+
+BOUNDED = sorted((key, kind, bound) for key, schema in SCHEMAS.items() for kind, bound in bounds(schema)[0])
+
+
+def outside(kind, bound, kind_of_number):
+    """The nearest value on the wrong side of a bound."""
+    if kind.startswith("exclusive"):
+        return bound
+    step = 1 if kind_of_number == "integer" else None
+    down = kind == "minimum"
+    if step:
+        return bound - 1 if down else bound + 1
+    return math.nextafter(float(bound), -math.inf if down else math.inf)
+
+
+def test_every_bounded_key_is_found():
+    keys = {key for key, _, _ in BOUNDED}
+    assert {"data.max_len", "model.hidden_dropout", "model.final_signal", "train.seed", "train.zero_stage",
+            "train.adam_betas", "eval.ks", "data.width_buckets", "data.min_user_items", "data.min_item_users",
+            "kernels.ce_item_chunk"} <= keys
+    assert len(BOUNDED) >= 60
+
+
+@pytest.mark.parametrize("key, kind, bound", BOUNDED, ids=[f"{k}-{kind}" for k, kind, _ in BOUNDED])
+def test_every_range_bound_is_enforced(key, kind, bound):
+    schema = SCHEMAS[key]
+    _, number = bounds(schema)
+    value = outside(kind, bound, number)
+    text = repr(value)
+    if schema.get("type") == "array":  # a list of the right length with one item out of range
+        default = list(schema["default"] or [bound] * max(schema.get("minItems", 1), 1))
+        text = repr([value, *default[1:]])
+    item = f"{key}={text}"
+    msg = one_line_error([item])
+    assert msg.startswith(f"--set {item}: {key} must "), msg
+    if schema.get("type") != "array" and kind in ("minimum", "maximum"):  # the bound itself is valid
+        section, name = key.split(".")
+        needs = {"model.hidden_size": ["model.num_heads=1"], "model.diffusion_steps": ["model.sample_steps=1"]}
+        cfg = load_config(None, [f"{key}={bound!r}", *needs.get(key, [])])
+        assert getattr(getattr(cfg, section), name) == bound
+
+
+@pytest.mark.parametrize("key", sorted(SCHEMAS))
+def test_null_is_accepted_exactly_where_the_type_says(key):
+    schema, section, name = SCHEMAS[key], *key.split(".")
+    assert help_row(key).split()[1].endswith("|null") == schema["nullable"]
+    if schema["nullable"]:
+        assert getattr(getattr(load_config(None, [f"{key}=null"]), section), name) is None
+    else:
+        assert one_line_error([f"{key}=null"]).endswith(", got None (NoneType)")
+
+
+def test_help_lists_every_field_with_its_default_type_values_and_text():
+    rows = {line.split()[0]: line for line in describe_keys().splitlines()[1:]}
+    expected = [f"{section}.{name}" for section, cls in C._sections().items() for name in cls.model_fields]
+    assert list(rows) == expected
+    for section, cls in C._sections().items():
+        defaults, docs = cls(), field_docs(cls)
+        for name in cls.model_fields:
+            row = rows[f"{section}.{name}"]
+            head = re.split(r"\s{2,}", row, maxsplit=4)
+            assert head[2] == json.dumps(getattr(defaults, name)), row
+            assert head[4] == " ".join(docs[name].split()), row
+    assert re.split(r"\s{2,}", rows["model.hidden_dropout"])[1:4] == ["float", "0.5", "[0, 1)"]
+    assert re.split(r"\s{2,}", rows["train.epochs"])[1:4] == ["int", "300", ">= 1"]
+    assert re.split(r"\s{2,}", rows["model.rec_loss"])[1:4] == ["str", '"bce"', "bce|ce"]
+
+
+def test_kernels_backend_help_says_what_auto_does(monkeypatch):
+    """The help of kernels.backend against adarec/backends.py: auto is eager on a CPU (but the native
+    gated fusion) and on CUDA until GPU_PATHS_VERIFIED, fused after; fused refuses a CPU."""
+    torch = pytest.importorskip("torch")
+    from adarec import backends, ops
+    from adarec.diffusion import diffusion_trajectory
+    from adarec.fusion import gated_fusion
+    from adarec.linear_ce import chunked_linear_cross_entropy, kept_softmax_linear_cross_entropy, linear_cross_entropy
+
+    text = " ".join(field_docs(C.KernelsConfig)["backend"].split())
+    for phrase in ("auto: on a CPU the eager trajectory, the native gated fusion (eager when the library is not "
+                   "built) and a PyTorch cross-entropy (chunked above kernels.ce_item_chunk)",
+                   "on CUDA the eager trajectory and gated fusion until a GPU run of the device check has verified "
+                   "the GPU paths (backends.GPU_PATHS_VERIFIED", "the fused ones after",
+                   "the Triton cross-entropy once backends.LINEAR_CE_GPU_VERIFIED (before: chunked above "
+                   "kernels.ce_item_chunk, full logits below)", "TRITON_INTERPRET=1", "ADAREC_KERNELS"):
+        assert phrase in text
+    assert text in help_row("kernels.backend")
+
+    monkeypatch.delenv("ADAREC_KERNELS", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert backends.trajectory_function("auto", cpu) is diffusion_trajectory
+    native = backends._native_fusion_problem(cpu) is None
+    assert backends.fusion_function("auto", cpu) is (ops.gated_fusion if native else gated_fusion)
+    assert backends.linear_ce_function("auto", cpu, 100, 1000) is kept_softmax_linear_cross_entropy
+    assert backends.linear_ce_function("auto", cpu, 1001, 1000) is chunked_linear_cross_entropy
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET"):
+        backends.check_backend_runs_here("fused", cpu)
+    monkeypatch.setattr(backends, "GPU_PATHS_VERIFIED", False)
+    monkeypatch.setattr(backends, "LINEAR_CE_GPU_VERIFIED", False)
+    assert backends.trajectory_function("auto", cuda) is diffusion_trajectory
+    assert backends.fusion_function("auto", cuda) is gated_fusion
+    assert backends.linear_ce_function("auto", cuda, 100, 1000) is linear_cross_entropy
+    assert backends.linear_ce_function("auto", cuda, 1001, 1000) is chunked_linear_cross_entropy
+    monkeypatch.setattr(backends, "GPU_PATHS_VERIFIED", True)
+    fused = backends._load_triton("adarec.kernels.trajectory", "fused_diffusion_trajectory")
+    if not isinstance(fused, str):  # Triton importable: auto takes the fused trajectory once verified
+        assert backends.trajectory_function("auto", cuda) is fused
+
+
+@pytest.mark.parametrize("written, canonical", [
+    ("NDCG@20", "NDCG@20"), ("ndcg@20", "NDCG@20"), ("Ndcg@20", "NDCG@20"), ("hr@5", "HR@5"),
+    ("MRR@10", "MRR@10"), ("mrr@10", "MRR@10"), ("Mrr@20", "MRR@20"),
+])
+def test_select_metric_is_case_insensitive_and_takes_mrr(written, canonical):
+    cfg = load_config(None, [f"eval.select_metric={written}"])
+    assert cfg.eval.select_metric == canonical
+    cfg.eval.select_metric = written  # an assignment is normalised too
+    assert cfg.eval.select_metric == canonical
+
+
+@pytest.mark.parametrize("item, message", [
+    ("eval.select_metric=mrr@50", "eval.select_metric needs its K in eval.ks [5, 10, 20], got 'MRR@50'"),
+    ("eval.select_metric=MAP@20", "eval.select_metric must be HR@K, NDCG@K or MRR@K (any case), got 'MAP@20'"),
+    ("eval.select_metric=ndcg20", "eval.select_metric must be HR@K, NDCG@K or MRR@K (any case), got 'ndcg20'"),
+])
+def test_select_metric_refusals(item, message):
+    assert one_line_error([item]) == f"--set {item}: {message}"
+
+
+def test_canonical_select_metric_survives_save_and_load(tmp_path):
+    cfg = load_config(None, ["eval.select_metric=mrr@10"])
+    again = load_config(save_config(cfg, tmp_path / "c.yaml"))
+    assert again.eval.select_metric == "MRR@10" and again == cfg
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_round_trips_through_save(path, tmp_path):
+    cfg = load_config(path)
+    out = save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(out)
+    assert again == cfg and config_to_dict(again) == config_to_dict(cfg)
+    assert save_config(again, tmp_path / "again.yaml").read_text() == out.read_text()
+
+
+def test_round_trip_keeps_strings_that_look_like_numbers(tmp_path):
+    cfg = load_config(None, ["data.path='1e-3'", "train.ds_config='1.5'", "model.name=adrec"])
+    assert cfg.data.path == "1e-3" and cfg.train.ds_config == "1.5"
+    assert load_config(save_config(cfg, tmp_path / "c.yaml")) == cfg
+
+
+def test_assignment_is_checked_with_a_one_line_error():
+    cfg = RunConfig()
+    cfg.train.epochs = 3
+    cfg.model.trade_off = 2          # an int for a float is converted, as when loaded
+    assert cfg.train.epochs == 3 and cfg.model.trade_off == 2.0 and isinstance(cfg.model.trade_off, float)
+    with pytest.raises(ConfigError, match=r"^config: train.epochs must be >= 1, got 0$"):
+        cfg.train.epochs = 0
+    with pytest.raises(ConfigError, match=r"^config: model.rec_loss must be one of bce, ce, got 'mse'$"):
+        cfg.model.rec_loss = "mse"
+    assert cfg.train.epochs == 3 and cfg.model.rec_loss == "bce"
+
+
+def test_validate_names_where_and_checks_rules_between_keys():
+    cfg = RunConfig()
+    cfg.eval.ks = [1, 5]   # each assignment is valid alone; together select_metric NDCG@20 has no K
+    with pytest.raises(ConfigError, match=r"^run.yaml: eval.select_metric needs its K in eval.ks \[1, 5\]"):
+        C.validate(cfg, "run.yaml")
+    cfg.eval.select_metric = "hr@5"
+    assert C.validate(cfg) is cfg
+
+
+def test_rules_between_keys_name_the_newest_source(tmp_path):
+    msg = one_line_error(["model.hidden_size=30", "model.num_heads=4"])
+    assert msg == "--set model.num_heads=4: model.hidden_size must be divisible by model.num_heads (4), got 30"
+    path = write(tmp_path, "model:\n  num_heads: 5\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: model.hidden_size must be divisible by model.num_heads \(5\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^--set model.hidden_size=32: model.hidden_size must be divisible"):
+        load_config(path, ["model.hidden_size=32"])
+    assert config_from_dict({"model": {"num_heads": 3}}, check=False).model.num_heads == 3
+    with pytest.raises(ConfigError, match=r"^config: model.num_heads must be >= 1, got 0$"):
+        config_from_dict({"model": {"num_heads": 0}}, check=False)
+
+
+def test_unknown_key_needs_no_pydantic():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"kernels": {"backends": "eager"}}, "x.json")
+    assert str(err.value) == ("x.json: unknown key 'kernels.backends'; valid keys in 'kernels': "
+                              "backend, ce_item_chunk")

@@ -414,3 +414,131 @@ def test_sampler_target_rows_are_bucketed_and_the_loss_is_unchanged(small_split:
     if bucket == 1:                                   # exact: only the targets are scored
         assert all(int((b["target_pos"] > 0).sum()) == b["target_rows"].numel() for b in sampler.epoch(1))
 
+
+
+# ---------------------------------------------------------------- data filters (k-core)
+
+
+def reference_kcore(rows: dict[int, list[int]], min_user: int, min_item: int) -> dict[int, list[int]]:
+    """An independent k-core: one interaction at a time, recounted from scratch every round."""
+    kept = {u: list(seq) for u, seq in rows.items()}
+    while True:
+        item_count: dict[int, int] = {}
+        for seq in kept.values():
+            for i in seq:
+                item_count[i] = item_count.get(i, 0) + 1
+        new = {}
+        for u, seq in kept.items():
+            if len(seq) < min_user:
+                continue
+            left = [i for i in seq if item_count[i] >= min_item]
+            if left:
+                new[u] = left
+        if new == kept:
+            return kept
+        kept = new
+
+
+def as_rows(s: UserSequences) -> dict[int, list[int]]:
+    """{file user id: the file's item ids} (mapped back through item_ids where items were renumbered)."""
+    back = (lambda i: int(s.item_ids[i - 1])) if s.item_ids is not None else int
+    return {int(u): [back(i) for i in s.sequence(r).tolist()] for r, u in enumerate(s.user_ids)}
+
+
+@pytest.mark.parametrize(("min_user", "min_item"), [(3, 0), (0, 2), (4, 3), (5, 5), (3, 4)])
+def test_kcore_matches_an_independent_computation(tmp_path: Path, min_user: int, min_item: int) -> None:
+    rng = np.random.default_rng(min_user * 10 + min_item)
+    rows = {}
+    for u in range(1, 121):
+        # Lengths 1..12, items skewed towards small ids (rare items exist), repeats allowed.
+        rows[u * 3] = (np.minimum(rng.zipf(1.6, size=int(rng.integers(1, 13))), 60)).tolist()
+    p = write(tmp_path, "".join(f"{u} {' '.join(map(str, seq))}\n" for u, seq in rows.items()))
+    want = reference_kcore(rows, min_user, min_item)
+    if any(len(seq) < 3 for seq in want.values()):
+        with pytest.raises(DataError, match=r"items after the data filters .*--set data\.min_user_items=3"):
+            read_sequences(p, min_user_items=min_user, min_item_users=min_item)
+        return
+    s = read_sequences(p, min_user_items=min_user, min_item_users=min_item)
+    assert as_rows(s) == want
+    kept_items = sorted({i for seq in want.values() for i in seq})
+    all_items = sorted({i for seq in rows.values() for i in seq})
+    if kept_items != all_items:          # renumbered 1..N in the order of the old ids
+        assert s.num_items == len(kept_items) and s.item_ids.tolist() == kept_items
+        assert sorted(set(s.items.tolist())) == list(range(1, len(kept_items) + 1))
+    build_split(s)                       # the split takes the filtered sequences
+
+
+def test_kcore_iterates_until_nothing_changes(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Items 2 and 4 have one interaction each; dropping them leaves user 30 with two items, so
+    it goes in the second round, which leaves item 5 with one user (10), dropped in the third."""
+    text = ("10 1 3 5 6\n"        # keeps 1 3 5 6 until item 5 goes
+            "20 1 3 6 2\n"        # loses item 2 (round 1)
+            "30 1 5 4\n"          # loses item 4 (round 1): 2 items, dropped in round 2
+            "40 1 3 6\n")
+    p = write(tmp_path, text)
+    one_round = {10: [1, 3, 5, 6], 20: [1, 3, 6], 30: [1, 5], 40: [1, 3, 6]}
+    assert reference_kcore({10: [1, 3, 5, 6], 20: [1, 3, 6, 2], 30: [1, 5, 4], 40: [1, 3, 6]}, 3, 2) \
+        == {10: [1, 3, 6], 20: [1, 3, 6], 40: [1, 3, 6]} != one_round
+    import logging
+
+    # A run's logging setup (engine/run_log.py) stops the adarec loggers at their own handlers.
+    monkeypatch.setattr(logging.getLogger("adarec"), "propagate", True)
+    with caplog.at_level("INFO", logger="adarec.data"):
+        s = read_sequences(p, min_user_items=3, min_item_users=2)
+    assert s.user_ids.tolist() == [10, 20, 40]
+    # Items 1 3 6 are left, renumbered 1 2 3.
+    assert s.num_items == 3 and s.item_ids.tolist() == [1, 3, 6]
+    assert [s.sequence(u).tolist() for u in range(3)] == [[1, 2, 3]] * 3
+    lines = [r.getMessage() for r in caplog.records if r.name == "adarec.data"]
+    assert len(lines) == 1
+    # Round 1 drops items 2 and 4, round 2 user 30, round 3 item 5 (one user left), round 4 nothing.
+    assert lines[0] == ("data filters (data.min_user_items=3, data.min_item_users=2, 4 rounds): dropped 1 of 4 users, "
+                        "3 of 6 items, 5 of 14 interactions; items renumbered 1..3")
+
+
+def test_filters_of_zero_leave_the_shipped_data_as_it_was() -> None:
+    """data/Beauty.txt read and split through the filter code with the defaults (and with 5/5:
+    it is a 5-core) gives exactly the arrays the reader gave before the filters existed (the
+    digest was computed with that reader)."""
+    import dataclasses
+    import hashlib
+
+    if not BEAUTY.exists():
+        pytest.skip("Beauty.txt not present")
+
+    def digest(seqs: UserSequences) -> str:
+        h = hashlib.sha256()
+        for a in (seqs.items, seqs.offsets, seqs.user_ids):
+            h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+        h.update(str(seqs.num_items).encode())
+        sp = build_split(seqs)
+        for f in dataclasses.fields(sp):
+            v = getattr(sp, f.name)
+            h.update(v.numpy().astype(np.int64).tobytes() if isinstance(v, torch.Tensor) else str(v).encode())
+        return h.hexdigest()
+
+    before = "c2a79d0d78748facc6a997071e3768901b52b3cd761ec221e1202425efd19141"
+    default = read_sequences(BEAUTY, min_user_items=0, min_item_users=0)
+    assert default.item_ids is None and digest(default) == before
+    five = read_sequences(BEAUTY, min_user_items=5, min_item_users=5)
+    assert five.item_ids is None and digest(five) == before
+
+
+def test_short_users_are_an_error_that_suggests_the_filter_and_the_filter_drops_them(tmp_path: Path) -> None:
+    inter = write(tmp_path, INTER_HEADER + "1\t2\t3\t4\n1\t3\t3\t5\n2\t2\t3\t4\n2\t5\t3\t6\n2\t6\t3\t7\n"
+                  "3\t5\t1\t1\n3\t2\t1\t2\n3\t6\t1\t3\n3\t7\t1\t4\n", "short.inter")
+    with pytest.raises(DataError, match=r"user 1 has 2 items; .*--set data\.min_user_items=3"):
+        read_sequences(inter)
+    s = read_sequences(inter, min_user_items=3)
+    # Users 2 and 3 are left (numbered by first appearance: 2, 3); item "3" (number 2) was only user 1's.
+    assert s.user_ids.tolist() == [2, 3] and s.num_items == 4 and s.item_ids.tolist() == [1, 3, 4, 5]
+    assert s.sequence(0).tolist() == [1, 2, 3] and s.sequence(1).tolist() == [2, 1, 3, 4]
+    build_split(s)
+    lines = write(tmp_path, "1 5 6\n2 5 6 7\n", "short.txt")
+    with pytest.raises(DataError, match=r"short\.txt:1: user 1 has 2 items; .*--set data\.min_user_items=3"):
+        read_sequences(lines)
+    assert read_sequences(lines, min_user_items=3).user_ids.tolist() == [2]
+    # An item filter alone can leave a user short: named, with the bound that fixes it.
+    with pytest.raises(DataError, match=r"user 1 has 2 items after the data filters .*min_user_items=3"):
+        read_sequences(write(tmp_path, "1 5 6 7\n2 5 6 9\n", "items.txt"), min_item_users=2)

@@ -11,6 +11,7 @@ from adarec.engine.run_log import current_rows
 from adarec.engine.trainer import TrainingDiverged, run_training
 
 from adarec.config import apply_overrides, load_config
+from adarec.metrics import metric_names
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -36,7 +37,7 @@ def test_two_epoch_run_writes_everything_and_resume_matches(tmp_path):
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
     metrics = read_jsonl(straight / "metrics.jsonl")
     assert [(m["epoch"], m["split"]) for m in metrics] == [(1, "valid"), (2, "valid"), (result["epoch"], "test")]
-    names = {"epoch", "split", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"}
+    names = {"epoch", "split", *metric_names((5, 10, 20))}
     assert all(set(m) == names for m in metrics[:2])
     assert set(metrics[2]) == names | {"trained_epochs"} and metrics[2]["trained_epochs"] == 2
     assert json.loads((straight / "test_metrics.json").read_text()) == result
@@ -122,7 +123,7 @@ def test_adarec_evaluate_reproduces_the_runs_own_validation_numbers_exactly(tmp_
     offline = evaluate_run(run, "valid", "cpu")
     assert offline["epoch"] == best["epoch"]
     for key, value in best.items():
-        if key.startswith(("HR@", "NDCG@")):
+        if key.startswith(("HR@", "NDCG@", "MRR@")):
             assert offline[key] == value, key                   # exactly, not approximately
 
 

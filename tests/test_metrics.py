@@ -1,16 +1,26 @@
-"""rank_metrics against a brute-force per-user computation."""
+"""rank_metrics (and the chunked ranking) against a brute-force per-user computation."""
 
 import math
 
 import pytest
 import torch
 
-from adarec.metrics import metric_names, rank_metrics, target_ranks
+from adarec.metrics import (
+    chunked_target_ranks,
+    metric_names,
+    metrics_from_ranks,
+    rank_metrics,
+    reciprocal_rank,
+    target_ranks,
+)
 
 
-def brute_force(scores, targets, exclude_lists, ks, never_rank=(0,), protocol="full"):
-    """Loop over users and candidates; pessimistic ties; independent of the implementation."""
-    sums = dict.fromkeys(metric_names(ks), 0.0)
+def brute_ranks(scores, targets, exclude_lists, never_rank=(0,), protocol="full"):
+    """Per user, the explicit 0-based pessimistic rank of the target (None: a miss at every K).
+    Loops over users and candidates, independent of the implementation: a candidate other than
+    the target counts above it when it scores at least as high or is NaN; a NaN or excluded
+    target is a miss."""
+    out = []
     n_users, n_cols = scores.shape
     for u in range(n_users):
         s = [float(v) for v in scores[u]]
@@ -24,14 +34,26 @@ def brute_force(scores, targets, exclude_lists, ks, never_rank=(0,), protocol="f
             cand.append((c, 0.0 if (protocol == "compat" and c in hist) else s[c]))
         t = int(targets[u])
         score_of = dict(cand)
-        if t not in score_of:
-            continue  # excluded target: a miss for every K
-        rank = sum(1 for c, v in cand if c != t and v >= score_of[t])
+        if t not in score_of or math.isnan(score_of[t]):
+            out.append(None)
+            continue
+        out.append(sum(1 for c, v in cand if c != t and (math.isnan(v) or v >= score_of[t])))
+    return out
+
+
+def brute_force(scores, targets, exclude_lists, ks, never_rank=(0,), protocol="full"):
+    """HR, NDCG and MRR averaged over users from brute_ranks, written out per metric."""
+    sums = dict.fromkeys(metric_names(ks), 0.0)
+    ranks = brute_ranks(scores, targets, exclude_lists, never_rank, protocol)
+    for rank in ranks:
+        if rank is None:
+            continue  # excluded or NaN target: a miss for every K
         for k in ks:
             if rank < k:
                 sums[f"HR@{k}"] += 1
                 sums[f"NDCG@{k}"] += 1 / math.log2(rank + 2)
-    return {k: v / n_users for k, v in sums.items()}
+                sums[f"MRR@{k}"] += 1 / (rank + 1)
+    return {k: v / len(ranks) for k, v in sums.items()}
 
 
 def padded(lists):
@@ -107,3 +129,70 @@ def test_unmasked_keeps_history_and_padding_as_scored_candidates():
     unmasked = rank_metrics(scores, target, history, ks=(1, 2, 3), never_rank=(0, 4), protocol="unmasked")
     assert full["HR@1"] == 1.0                                # item 3 beats item 1 once 2, pad, mask are out
     assert unmasked["HR@2"] == 0.0 and unmasked["HR@3"] == 1.0   # pad (9) and item 2 (5) rank above it
+
+
+def test_metric_names_order():
+    assert metric_names((5, 20)) == ["HR@5", "HR@20", "NDCG@5", "NDCG@20", "MRR@5", "MRR@20"]
+
+
+def test_mrr_from_explicit_ranks():
+    """Ranks 0, 1, 3, 9 and a miss: MRR@K is 1 / (rank + 1) below K, 0 from K on."""
+    ranks = torch.tensor([0, 1, 3, 9, 20])
+    m = metrics_from_ranks(ranks, (1, 4, 10))
+    assert m["MRR@1"] == pytest.approx(1 / 5)
+    assert m["MRR@4"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 5)
+    assert m["MRR@10"] == pytest.approx((1 + 1 / 2 + 1 / 4 + 1 / 10) / 5)
+    assert [reciprocal_rank(r) for r in (0, 1, 3)] == [1.0, 0.5, 0.25]
+    assert list(m) == metric_names((1, 4, 10))
+
+
+def test_mrr_known_ranks_with_ties_and_history():
+    """Pessimistic ties: a target tied with two other items has rank 2, not 0."""
+    scores = torch.tensor([[0.0, 5.0, 5.0, 5.0, 1.0, 0.5],      # target 2 tied with 1 and 3: rank 2
+                           [0.0, 9.0, 5.0, 4.0, 1.0, 0.5],      # target 3 under 1 (history) and 2: rank 1
+                           [0.0, 9.0, 5.0, 4.0, 1.0, 0.5]])     # target 1 in the history: a miss
+    targets, history = torch.tensor([2, 3, 1]), torch.tensor([[0], [1], [1]])
+    m = rank_metrics(scores, targets, history, ks=(1, 2, 3))
+    assert m["MRR@1"] == 0.0
+    assert m["MRR@2"] == pytest.approx((1 / 2) / 3)
+    assert m["MRR@3"] == pytest.approx((1 / 3 + 1 / 2) / 3)
+    assert m["MRR@3"] == pytest.approx(brute_force(scores, targets, [[], [1], [1]], (3,))["MRR@3"])
+
+
+def nan_case(seed: int):
+    """Integer factors (exact scores, many ties), a NaN item column and a user whose scores are
+    all NaN, histories of varying length, one user with the target in the history."""
+    g = torch.Generator().manual_seed(seed)
+    users, cols = 23, 17                       # columns: padding 0, items 1..15, mask 16
+    query = torch.randint(-1, 2, (users, 3), generator=g).float()
+    table = torch.randint(-2, 3, (cols, 3), generator=g).float()
+    table[5] = float("nan")                    # item 5 scores NaN for every user
+    query[4] = float("nan")                    # user 4 scores NaN everywhere (a NaN target: a miss)
+    targets = torch.randint(1, cols - 1, (users,), generator=g)
+    targets[7] = 5                             # a NaN target
+    hist = [torch.randperm(cols - 2, generator=g)[: u % 5].add(1).tolist() for u in range(users)]
+    hist[2].append(int(targets[2]))
+    return query, table, targets, hist
+
+
+@pytest.mark.parametrize("protocol", ["full", "compat", "unmasked"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_all_metrics_with_nan_match_brute_force_full_and_chunked(protocol, seed):
+    """MRR (with HR and NDCG) of NaN-holding, tied scores: the full matrix and the chunked ranking
+    at several chunk sizes equal the brute force, for every protocol."""
+    query, table, targets, hist = nan_case(seed)
+    scores = query @ table.t()
+    never, ks = (0, table.shape[0] - 1), (1, 3, 5, 30)
+    want = brute_force(scores, targets, hist, ks, never_rank=never, protocol=protocol)
+    assert any(v > 0 for k, v in want.items() if k.startswith("MRR@"))
+    got = rank_metrics(scores, targets, padded(hist), ks, never_rank=never, protocol=protocol)
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name] == pytest.approx(want[name], abs=1e-12), name
+    expected_ranks = [max(ks) if r is None else min(r, max(ks))
+                      for r in brute_ranks(scores, targets, hist, never, protocol)]
+    for chunk in (1, 4, table.shape[0]):
+        ranks = chunked_target_ranks(query, table, targets, padded(hist), max(ks), never_rank=never,
+                                     protocol=protocol, item_chunk=chunk)
+        assert ranks.tolist() == expected_ranks, chunk
+        assert metrics_from_ranks(ranks, ks) == pytest.approx(got, abs=1e-12), chunk

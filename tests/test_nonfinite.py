@@ -137,4 +137,4 @@ def test_the_evaluator_refuses_nan_scores_naming_model_split_and_count():
         evaluate_split(model, split, "valid", (5, 10), batch_size=4, label="stub")
     queries[[3, 7]] = 0.0
     metrics = evaluate_split(model, split, "valid", (5, 10), batch_size=4, label="stub")
-    assert set(metrics) == {"HR@5", "HR@10", "NDCG@5", "NDCG@10"}
+    assert set(metrics) == {"HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR@5", "MRR@10"}

@@ -164,10 +164,11 @@ def assert_terms_equal(members, pairs):
                                            msg=lambda m, name=name, key=key: f"{name} {key}: {m}")
 
 
-@pytest.mark.parametrize("name", TRIMMING)
+@pytest.mark.parametrize("name", [*TRIMMING, "adarec-reference-pooling"])
 def test_training_terms_do_not_depend_on_the_batch_width(beauty, name):
     _, split = beauty
-    members = build(name, split)
+    members = (build("adarec", split, "eager", "model.elcrec_pooling=reference") if name.endswith("-pooling")
+               else build(name, split))
     assert all(getattr(net, "trims_batches", True) for net in members.values())
     assert_terms_equal(members, batch_pairs(split, any(n.needs_views for n in members.values())))
 
@@ -194,6 +195,42 @@ def test_elcrec_views_are_encoded_as_the_reference_encodes_them(beauty):
     torch.testing.assert_close(torch.where(items, default, 0.0), torch.where(items, x, 0.0), rtol=1e-5, atol=1e-5)
     padding = (full == 0)
     assert padding.any() and not torch.allclose(default[padding], x[padding], atol=1e-3)
+
+
+@pytest.mark.parametrize("ablate", ["[]", "[hpmoe]", "[router]", "[adc]", "[hda]"])
+def test_adarec_elcrec_representation_is_the_reference_full_width_mean(beauty, monkeypatch, ablate):
+    """ADARec's reference ELCRec representation (model.elcrec_pooling=reference, ADARec.reference_mean)
+    from a trimmed batch equals the mean
+    over all max_len positions of h computed at the full width with the reference's padding
+    attention in the fine expert (a padding query attends to every key), as before trimming."""
+    _, split = beauty
+    (net,) = build("adarec", split, "eager", f"model.ablate={ablate}", "model.elcrec_pooling=reference").values()
+    net.train()
+    for full, cut in batch_pairs(split, True, count=2):
+        out = net.user_representation(cut["input_ids"], row_keys=cut["row_key"])
+        trimmed = net.reference_mean(out, cut["input_ids"])
+        encode = net.encoder.encode
+        with monkeypatch.context() as patch:
+            patch.setattr(net.encoder, "encode",
+                          lambda x, ids, reference_padding=False, encode=encode: encode(x, ids, True))
+            h = net.user_representation(full["input_ids"], row_keys=full["row_key"])["h"]
+        assert full["input_ids"].shape[1] == split.max_len and (full["input_ids"] == 0).any()
+        torch.testing.assert_close(trimmed, h.float().mean(1), rtol=2e-5, atol=2e-6)
+        # Not the item-position mean: the padding outputs weigh in.
+        items = (cut["input_ids"] > 0).unsqueeze(-1)
+        item_mean = (out["h"] * items).sum(1) / items.sum(1)
+        assert not torch.allclose(trimmed, item_mean, atol=1e-3)
+
+
+def test_dual_expert_representation_is_the_reference_full_width_mean(beauty):
+    _, split = beauty
+    members = build("adarec-dual", split)
+    full, cut = batch_pairs(split, True, count=1)[0]
+    for net in members.values():
+        net.train()
+        rep = net.paths(cut["input_ids"], cut["row_key"])["representation"]
+        expected = net.encoder(full["input_ids"], reference_padding=True).mean(1)
+        torch.testing.assert_close(rep, expected, rtol=2e-5, atol=2e-6)
 
 
 def test_adarec_fused_trajectory_terms_and_outputs_do_not_depend_on_the_width(beauty):

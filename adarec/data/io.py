@@ -9,6 +9,11 @@ Two formats are understood:
 
 Every problem with a file raises :class:`~adarec.errors.DataError` whose message starts with
 ``"{path}:{lineno}: "`` (or ``"{path}: "`` for whole-file problems), so the CLI can print it as is.
+
+The interaction-count filters (``min_user_items``, ``min_item_users``: data.min_user_items and
+data.min_item_users, adarec/data/filters.py) apply right after reading. Without them a user with
+fewer than MIN_ITEMS items is an error (the leave-one-out split needs three); with either of them
+set, short users are read and whatever the filters leave must then have MIN_ITEMS items.
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ class UserSequences:
     user_ids: np.ndarray
     num_items: int
     source: str
+    item_ids: np.ndarray | None = None
+    """When the data filters renumbered the items (adarec/data/filters.py): the file's id of item
+    i + 1 at index i (for a .inter file, its number by first appearance). None: items carry the
+    ids they were read with."""
 
     def __len__(self) -> int:
         """Number of users."""
@@ -58,15 +67,33 @@ class UserSequences:
         return np.diff(self.offsets)
 
 
-def read_sequences(path: str | os.PathLike, max_users: int | None = None) -> UserSequences:
+def read_sequences(path: str | os.PathLike, max_users: int | None = None, min_user_items: int = 0,
+                   min_item_users: int = 0) -> UserSequences:
     """Read a sequence file (``.inter`` -> RecBole atomic format, anything else -> one line per user).
 
     ``max_users`` keeps only the first ``max_users`` users (file order). Reading stops there, so
     problems after the last kept user are not reported; ``num_items`` is the largest id among the
-    kept users.
+    kept users. ``min_user_items`` / ``min_item_users`` then filter users and items by their
+    interaction counts until nothing changes (adarec/data/filters.py; one INFO line on the
+    ``adarec.data`` logger counts what was dropped); both 0 (the default) filter nothing.
     """
     if max_users is not None and max_users < 1:
         raise ValueError(f"max_users must be >= 1 or None, got {max_users}")
+    filtering = bool(min_user_items or min_item_users)
+    seqs = _read_file(path, max_users, 0 if filtering else MIN_ITEMS)
+    if not filtering:
+        return seqs
+    from adarec.data.filters import apply_filters
+
+    return apply_filters(seqs, int(min_user_items), int(min_item_users), MIN_ITEMS)
+
+
+def _short_user(where: str, user, count: int) -> str:
+    return (f"{where}: user {user} has {count} items; at least {MIN_ITEMS} are needed (train/valid/test); "
+            f"drop such users with --set data.min_user_items={MIN_ITEMS}")
+
+
+def _read_file(path: str | os.PathLike, max_users: int | None, min_items: int) -> UserSequences:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such file")
@@ -77,8 +104,8 @@ def read_sequences(path: str | os.PathLike, max_users: int | None = None) -> Use
     except OSError as e:
         raise DataError(f"{p}: cannot be read ({e.strerror})") from None
     if p.suffix == ".inter":
-        return _read_inter(p, text, max_users)
-    return _read_lines(p, text, max_users)
+        return _read_inter(p, text, max_users, min_items)
+    return _read_lines(p, text, max_users, min_items)
 
 
 def _bad_token(tokens: list[str]) -> str:
@@ -89,7 +116,7 @@ def _bad_token(tokens: list[str]) -> str:
     return ""
 
 
-def _read_lines(p: Path, text: str, max_users: int | None) -> UserSequences:
+def _read_lines(p: Path, text: str, max_users: int | None, min_items: int = MIN_ITEMS) -> UserSequences:
     items: list[int] = []
     offsets: list[int] = [0]
     user_ids: list[int] = []
@@ -115,10 +142,9 @@ def _read_lines(p: Path, text: str, max_users: int | None) -> UserSequences:
             raise DataError(f"{p}:{lineno}: user id {uid} appears again "
                             f"(first on line {first_line[uid]})")
         first_line[uid] = lineno
-        if len(seq) < MIN_ITEMS:
-            raise DataError(f"{p}:{lineno}: user {uid} has {len(seq)} items; at least "
-                            f"{MIN_ITEMS} are needed (train/valid/test)")
-        lo, hi = min(seq), max(seq)
+        if len(seq) < min_items:
+            raise DataError(_short_user(f"{p}:{lineno}", uid, len(seq)))
+        lo, hi = (min(seq), max(seq)) if seq else (1, 1)
         if lo < 1:
             raise DataError(f"{p}:{lineno}: item id {lo} out of range; item ids start at 1")
         if hi > MAX_ID:
@@ -134,10 +160,10 @@ def _read_lines(p: Path, text: str, max_users: int | None) -> UserSequences:
     arr = np.array(items, dtype=np.int64)
     return UserSequences(items=arr, offsets=np.array(offsets, dtype=np.int64),
                          user_ids=np.array(user_ids, dtype=np.int64),
-                         num_items=int(arr.max()), source=str(p))
+                         num_items=int(arr.max(initial=0)), source=str(p))
 
 
-def _read_inter(p: Path, text: str, max_users: int | None) -> UserSequences:
+def _read_inter(p: Path, text: str, max_users: int | None, min_items: int = MIN_ITEMS) -> UserSequences:
     """RecBole atomic file -> sequences.
 
     Users are numbered 1..U and items 1..N in order of first appearance in the file (raw row
@@ -198,13 +224,12 @@ def _read_inter(p: Path, text: str, max_users: int | None) -> UserSequences:
     order = np.lexsort((ts_arr, uidx))
     num_users = int(uidx.max()) + 1
     counts = np.bincount(uidx, minlength=num_users)
-    short = np.flatnonzero(counts < MIN_ITEMS)
+    short = np.flatnonzero(counts < min_items)
     if len(short):
         u = int(short[0])
         first = linenos[int(keep_rows[np.argmax(uidx == u)])]
         tok = next(t for t, i in user_index.items() if i == u)
-        raise DataError(f"{p}:{first}: user {tok} has {counts[u]} items; at least "
-                        f"{MIN_ITEMS} are needed (train/valid/test)")
+        raise DataError(_short_user(f"{p}:{first}", tok, int(counts[u])))
     offsets = np.zeros(num_users + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     return UserSequences(items=iid[order], offsets=offsets,

@@ -2,7 +2,7 @@
 
 import importlib
 
-from adarec.config import KernelsConfig
+from adarec.config import CE_ITEM_CHUNK
 
 from .adarec import ADARec
 from .dual import NoisedELCRec, ScoreAverage, build_dual_experts
@@ -30,7 +30,7 @@ def model_class(name: str):
 
 
 def build_model(cfg, num_items: int, max_len: int, kernel_backend: str = "auto",
-                ce_item_chunk: int = KernelsConfig.ce_item_chunk):
+                ce_item_chunk: int = CE_ITEM_CHUNK):
     """Instantiate a single-network model.name with its config section; kernel_backend
     (kernels.backend) picks fused or eager ops in the models that have them, and with
     ce_item_chunk (kernels.ce_item_chunk) the implementation of the full-softmax CE."""
@@ -44,7 +44,7 @@ def build_model(cfg, num_items: int, max_len: int, kernel_backend: str = "auto",
 
 
 def build_members(cfg, num_items: int, max_len: int, kernel_backend: str = "auto",
-                  ce_item_chunk: int = KernelsConfig.ce_item_chunk) -> dict:
+                  ce_item_chunk: int = CE_ITEM_CHUNK) -> dict:
     """The separately optimised networks of a model: {"model": net} for the single-network
     models, the two experts {"e5", "e10"} for adarec-dual (each with its own optimizer and
     early stopping; their scores are averaged at test time)."""

@@ -30,14 +30,14 @@ from torch import nn
 
 from adarec.backends import fusion_function, trajectory_function
 from adarec.diffusion import Denoiser, PackedLevels, grid_levels, level_tables, pack_levels
-from adarec.fusion import mean_over_levels
+from adarec.fusion import EPS, mean_over_levels
 from adarec.keyed_random import KeyedDraws, Streams
 from adarec.parallel import gather_rows, global_mean, world_size
 from adarec.profiling import nvtx
 
 from .controller import DepthController, fixed_decision
-from .elcrec import ELCRec
-from .encoder import prefix_mean
+from .elcrec import ELCRec, left_padded
+from .encoder import masked_mean, prefix_mean
 from .hierarchy_diagnostics import DIAGNOSTIC_USERS, hierarchy_diagnostics
 from .losses import per_target_scaled
 
@@ -119,11 +119,13 @@ def _anchor_constants(max_depth: int, batch: int, device: torch.device) -> tuple
 
 class ADARec(ELCRec):
     needs_views = True
-    reference_representation = False   # the ELCRec terms read the item-position mean of h
 
     def __init__(self, cfg, num_items: int, max_len: int, kernel_backend: str = "auto"):
         super().__init__(cfg, num_items, max_len)
         self.kernel_backend = kernel_backend
+        # The ELCRec terms' representation (docs/method.md 2.5): the item-position mean of h, or the
+        # reference's full-width mean (reference_mean).
+        self.elcrec_pooling = cfg.elcrec_pooling
         hidden, depth = cfg.hidden_size, cfg.max_depth
         self.max_depth = depth
         self.depth_gradient = cfg.depth_gradient
@@ -184,7 +186,7 @@ class ADARec(ELCRec):
                 # Without HP-MoE: the fine expert's mean over each position's active levels.
                 h = mean_over_levels(fine, m, packed.pair_user, input_ids.shape[0])
                 return {"h": h, "z_coar": None, "coarse": None, "g": None, "packed": packed,
-                        "decision": decision, "l_deno": l_deno, "e_hat": e_hat}
+                        "decision": decision, "l_deno": l_deno, "e_hat": e_hat, "e0": e0}
             pooled = prefix_mean(e_hat, pair_ids)                       # [P, L, D], positions <= i
             coarse = self.coarse(pooled)
             g = self._route(pooled, packed.pair_level)                  # [P, L]
@@ -192,7 +194,43 @@ class ADARec(ELCRec):
             fusion = fusion_function(self.kernel_backend, fine.device)
             h, z_coar = fusion(fine, coarse, g, m, packed.offsets, self.final_gate.weight, self.final_gate.bias)
         return {"h": h, "z_coar": z_coar, "coarse": coarse, "g": g, "packed": packed,
-                "decision": decision, "l_deno": l_deno, "e_hat": e_hat}
+                "decision": decision, "l_deno": l_deno, "e_hat": e_hat, "e0": e0}
+
+    def reference_mean(self, out: dict, input_ids: torch.Tensor) -> torch.Tensor:
+        """The ELCRec terms' representation [B, D] under model.elcrec_pooling=reference: the mean of
+        h over all max_len positions as a full-width batch computes it with the reference's padding attention (a
+        padding query attends to every key), whatever the width of `input_ids` (docs/method.md
+        2.5 and "Trimmed batches").
+
+        A padding position has depth 0, so only level 0 weighs there: its fine output is the
+        level-0 Transformer output at that position, its pool is 0 (no item at or before it),
+        hence its coarse output, router weight and gate are constants of the model. The padding
+        outputs therefore come from one full-width pass of E^0 (zero on the padding, as the
+        trajectory's level 0 is) and the item positions from h. Most positions of a Beauty row are
+        padding, so the constant part, (1 - gate) times the coarse expert's output at a zero pool,
+        weighs heavily in it; measured on Beauty, L_cont fell to 0.4 in the first epoch (4.9 with
+        the item mean) and validation NDCG@20 was .0016 (.0065): docs/method.md 2.5."""
+        length = self.encoder.max_len
+        items = (input_ids > 0).unsqueeze(-1)
+        item_sum = (out["h"].float() * items).sum(1)                                   # [B, D]
+        full_ids = left_padded(input_ids, length)
+        level0 = out["e0"].new_zeros((input_ids.shape[0], length, out["e0"].shape[-1]))
+        level0[:, length - input_ids.shape[1]:] = out["e0"] * items.to(out["e0"].dtype)
+        fine = self.encoder.encode(level0, full_ids, reference_padding=True)           # [B, L, D]
+        padding = (full_ids == 0).unsqueeze(-1)
+        fine_sum = (fine.float() * padding).sum(1)                                     # [B, D]
+        if self.coarse is None:
+            # mean_over_levels with level 0 alone: h is the fine output.
+            return (item_sum + fine_sum) / length
+        zero = out["e0"].new_zeros((1, 1, out["e0"].shape[-1]))
+        coarse = self.coarse(zero).float()                                             # [1, 1, D]
+        g = self._route(zero, torch.zeros(1, dtype=torch.long, device=zero.device)).float()[..., None]
+        # gated_fusion at one active level: z = w x / (w + EPS) for each expert.
+        z_fin_scale = g / (g + EPS)
+        z_coar = (1.0 - g) * coarse / ((1.0 - g) + EPS)
+        gate = torch.sigmoid(F.linear(z_coar, self.final_gate.weight.float(), self.final_gate.bias.float()))
+        pad_sum = (gate * z_fin_scale)[:, 0] * fine_sum + padding.sum(1) * ((1.0 - gate) * z_coar)[:, 0]
+        return (item_sum + pad_sum) / length
 
     def _pack(self, decision, last_only: bool) -> PackedLevels:
         """The (user, level) pairs to compute (docs/method.md 2, "Packed layout"). Active (entering
@@ -273,7 +311,12 @@ class ADARec(ELCRec):
                                                     self.cont_temperature, active_last)
         if self.controller is not None:
             terms["expl"] = decision.exploration
-        terms.update(self.elcrec_terms(out["h"], batch))
+        if self.elcrec_pooling == "reference":
+            with nvtx.phase("reference_pool"):
+                representation = self.reference_mean(out, batch["input_ids"])
+        else:
+            representation = masked_mean(out["h"], batch["input_ids"])
+        terms.update(self.elcrec_terms(batch, representation))
         weights = {"deno": self.lambda_deno, "cont": self.lambda_cont, "expl": self.lambda_expl}
         loss = terms["rec"] + self.weighted_elcrec(terms)
         for key, weight in weights.items():

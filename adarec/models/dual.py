@@ -27,7 +27,7 @@ from adarec.keyed_random import KeyedDraws, Streams
 from adarec.parallel import global_mean
 
 from .controller import LengthAwareGRU
-from .elcrec import ELCRec
+from .elcrec import ELCRec, left_padded
 from .encoder import masked_mean
 from .losses import per_target_scaled
 from .scoring import inner_product_scores
@@ -40,7 +40,6 @@ EXPLORATION_WEIGHT = 1e-4
 
 class NoisedELCRec(ELCRec):
     """One expert of adarec-dual."""
-    reference_representation = False   # the ELCRec terms read the item-position mean of its output
 
     def __init__(self, cfg, num_items: int, max_len: int, steps: tuple[int, ...]):
         super().__init__(cfg, num_items, max_len)
@@ -53,11 +52,17 @@ class NoisedELCRec(ELCRec):
         self.copy_controller.apply(self.encoder._init_weights)
 
     def paths(self, ids: torch.Tensor, row_keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The raw and noised encodings [B, L, D] and the per-position copy weights [B, L, copies].
+        """The raw and noised encodings [B, W, D], the per-position copy weights [B, W, copies] and
+        the raw path's reference representation [B, D] (the ELCRec terms').
         `row_keys` (training batches carry them) key the noise by row (adarec/keyed_random.py);
         without them it comes from torch's RNG."""
-        e0 = self.encoder.embed(ids)
-        raw = self.encoder.encode(e0, ids)
+        # The raw path at the full width with the reference's padding attention, as ELCRec's
+        # forward: its item outputs are the trimmed batch's, and its mean over all L positions is
+        # the reference's sequence representation for the ELCRec terms (docs/method.md 2.5).
+        width = ids.shape[1]
+        full = self.encoder.embed(left_padded(ids, self.encoder.max_len))
+        raw_full = self.encoder.encode(full, left_padded(ids, self.encoder.max_len), reference_padding=True)
+        e0, raw = full[:, full.shape[1] - width:], raw_full[:, full.shape[1] - width:]
         weights = F.softmax(self.copy_controller(e0, ids), dim=-1)   # [B, L, copies]
         count = len(self.sqrt_abar)
         if row_keys is None:
@@ -70,7 +75,8 @@ class NoisedELCRec(ELCRec):
         copies = self.sqrt_abar.to(e0.dtype)[:, None, None, None] * e0 + \
             self.sqrt_one_minus_abar.to(e0.dtype)[:, None, None, None] * noise   # [copies, B, L, D]
         mixed = torch.einsum("blc,cbld->bld", weights.to(e0.dtype), copies)
-        return {"raw": raw, "noised": self.encoder.encode(mixed, ids), "weights": weights}
+        return {"raw": raw, "noised": self.encoder.encode(mixed, ids), "weights": weights,
+                "representation": raw_full.mean(1)}
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = batch["input_ids"]
@@ -88,7 +94,7 @@ class NoisedELCRec(ELCRec):
             "consistency": consistency,
             "expl": -entropy,
         }
-        terms.update(self.elcrec_terms(raw, batch))
+        terms.update(self.elcrec_terms(batch, out["representation"]))
         loss = (terms["rec"] + NOISED_REC_WEIGHT * terms["rec_noised"] + CONSISTENCY_WEIGHT * consistency
                 + EXPLORATION_WEIGHT * terms["expl"] + self.weighted_elcrec(terms))
         return loss, {k: v.detach() for k, v in terms.items()}

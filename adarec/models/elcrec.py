@@ -18,7 +18,6 @@ from torch import nn
 from adarec.errors import ConfigError
 from adarec.profiling import nvtx
 
-from .encoder import masked_mean
 from .losses import cluster_loss, nt_xent
 from .sasrec import SASRec
 
@@ -33,22 +32,8 @@ def left_padded(ids: torch.Tensor, length: int) -> torch.Tensor:
     return full
 
 
-def sequence_mean(hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """ELCRec's sequence representation: the mean of the outputs over the item positions.
-
-    The reference averages all L positions, padding included, so its representation (and the
-    cluster and intent terms built on it) depends on padding outputs, which depend on how much
-    padding a batch has. Averaging the item positions only makes it a function of the items,
-    the same in a batch trimmed to its longest row (docs/method.md 2.5 and "Deviations from the
-    reference code", with the measured effect)."""
-    return masked_mean(hidden, input_ids)
-
-
 class ELCRec(SASRec):
     needs_views = True
-    # forward's sequence representation is the reference's full-width mean (subclasses that
-    # build their own representation set False: theirs is the item-position mean).
-    reference_representation = True
 
     def __init__(self, cfg, num_items: int, max_len: int):
         super().__init__(cfg, num_items, max_len)
@@ -60,16 +45,17 @@ class ELCRec(SASRec):
         self.kmeans_init = cfg.kmeans_init
         self.intent_centers = nn.Parameter(torch.randn(cfg.num_intent_clusters, cfg.hidden_size) * 0.02)
 
-    def elcrec_terms(self, hidden: torch.Tensor, batch: dict,
-                     representation: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The ELCRec losses for a batch whose main sequence encodes to `hidden`; `representation`
-        [B, D] replaces the item-position mean of `hidden` as the sequence representation.
+    def elcrec_terms(self, batch: dict, representation: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ELCRec losses for a batch whose main sequence's representation is `representation`
+        [B, D]: the reference's mean over all max_len positions of the full-width outputs, padding
+        outputs included (docs/method.md 2.5). Every model on this backbone computes it so, at any
+        batch width: ELCRec and the dual model's experts from `full_width_outputs`, ADARec from its
+        fused output (`ADARec.reference_mean`). The item-position mean, width-independent too,
+        stalled ELCRec's validation NDCG@20 at .011 on Beauty (docs/method.md 2.5).
 
         Kept separate from forward so that models built on this backbone (ADARec) reuse it.
         """
         centers = F.normalize(self.intent_centers.float(), dim=-1)
-        if representation is None:
-            representation = sequence_mean(hidden, batch["input_ids"])
         pooled = F.normalize(representation.float(), dim=-1)
         terms = {"cluster": cluster_loss(pooled, centers)}
         # Intent of each user: its nearest centre (a hard, non-differentiable assignment).
@@ -98,12 +84,9 @@ class ELCRec(SASRec):
         return terms
 
     def initial_representation(self, ids: torch.Tensor) -> torch.Tensor:
-        """The sequence representation the k-means of `prepare` clusters, the one training uses:
-        for ELCRec the reference's mean over all L positions of the full-width outputs; models
-        built on the backbone (ADARec, the dual model) use the item-position mean of theirs."""
-        if self.reference_representation:
-            return self.full_width_outputs(ids).mean(1)
-        return sequence_mean(self.encoder(ids), ids)
+        """The sequence representation the k-means of `prepare` clusters: the reference's mean over
+        all L positions of the untrained backbone's full-width outputs."""
+        return self.full_width_outputs(ids).mean(1)
 
     def with_prototypes(self, out: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
         """Intent-assisted instance contrast: add (shift) or append (concat) each position's
@@ -130,7 +113,7 @@ class ELCRec(SASRec):
         hidden = full[:, full.shape[1] - width:]
         with nvtx.phase("losses"):
             terms = {"rec": self.rec_loss(hidden, batch)}
-            terms.update(self.elcrec_terms(hidden, batch, representation=full.mean(1)))
+            terms.update(self.elcrec_terms(batch, representation=full.mean(1)))
             loss = terms["rec"] + self.weighted_elcrec(terms)
         return loss, {k: v.detach() for k, v in terms.items()}
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from adarec.backends import linear_ce_function
-from adarec.config import KernelsConfig
+from adarec.config import CE_ITEM_CHUNK
 from adarec.parallel import gather_rows, global_mean, world_size
 
 
@@ -35,7 +35,7 @@ class ItemCrossEntropy:
     kernels.backend and kernels.ce_item_chunk pick for the table's size and device
     (adarec/backends.py: eager logits, chunked PyTorch or the Triton kernels)."""
 
-    def __init__(self, backend: str = "auto", item_chunk: int = KernelsConfig.ce_item_chunk):
+    def __init__(self, backend: str = "auto", item_chunk: int = CE_ITEM_CHUNK):
         self.backend, self.item_chunk = backend, item_chunk
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int,

@@ -41,3 +41,28 @@ def as_histories(histories, num_items: int) -> tuple[np.ndarray, np.ndarray, np.
     lengths = np.array([len(a) for a in arrays], dtype=np.int64)
     items = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
     return items, np.cumsum(lengths), lengths
+
+
+class UserRows:
+    """The data file's user ids -> their rows in the file (the sequences' order)."""
+
+    def __init__(self, user_ids: np.ndarray, source: str):
+        self._order = np.argsort(user_ids, kind="stable")
+        self._sorted_ids = np.asarray(user_ids)[self._order]
+        self._source = source
+
+    def __call__(self, user_ids) -> np.ndarray:
+        """Row of each file user id; an AdarecError names the first unknown (or non-integer) one."""
+        ids = []
+        for uid in user_ids:
+            if isinstance(uid, bool) or not isinstance(uid, (int, np.integer)):
+                raise AdarecError(f"user id {uid!r} is not an integer")
+            ids.append(int(uid))
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.searchsorted(self._sorted_ids, ids).clip(max=max(len(self._sorted_ids) - 1, 0))
+        found = self._sorted_ids[pos] == ids
+        if not found.all():
+            missing = int(ids[np.argmin(found)])
+            raise AdarecError(f"user {missing} is not in the run's data file {self._source} "
+                              f"({len(self._sorted_ids)} users)")
+        return self._order[pos]

@@ -19,7 +19,7 @@ from adarec import faiss_index
 from adarec.errors import AdarecError
 
 from .export import read_export
-from .queries import as_histories, padded_inputs
+from .queries import UserRows, as_histories, padded_inputs
 from .served_run import ServedRun, load_served_run
 
 
@@ -46,8 +46,7 @@ class Recommender:
         self.batch_size = int(batch_size)
         seqs = served.sequences
         # Users are looked up by their file ids through one sorted copy (no per-user dict).
-        self._order = np.argsort(seqs.user_ids, kind="stable")
-        self._sorted_ids = seqs.user_ids[self._order]
+        self._user_rows = UserRows(seqs.user_ids, seqs.source)
         # Generated items before an augmented file's sequences are model input, not history.
         self._real_start = int(served.cfg.data.augmented_prefix)
 
@@ -69,19 +68,7 @@ class Recommender:
 
     def user_rows(self, user_ids) -> np.ndarray:
         """Row of each file user id in the data file; an AdarecError names the first unknown one."""
-        ids = []
-        for uid in user_ids:
-            if isinstance(uid, bool) or not isinstance(uid, (int, np.integer)):
-                raise AdarecError(f"user id {uid!r} is not an integer")
-            ids.append(int(uid))
-        ids = np.asarray(ids, dtype=np.int64)
-        pos = np.searchsorted(self._sorted_ids, ids).clip(max=max(len(self._sorted_ids) - 1, 0))
-        found = self._sorted_ids[pos] == ids
-        if not found.all():
-            missing = int(ids[np.argmin(found)])
-            raise AdarecError(f"user {missing} is not in the run's data file {self.served.sequences.source} "
-                              f"({len(self._sorted_ids)} users)")
-        return self._order[pos]
+        return self._user_rows(user_ids)
 
     def recommend(self, user_ids, k: int = 20) -> list[Recommendation]:
         """Top-k items for each of the data file's `user_ids` (their file ids), none from their history."""

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adarec.config import RunConfig, resolve_data_path
-from adarec.data.io import UserSequences, read_sequences
+from adarec.config import RunConfig
+from adarec.data.io import UserSequences
 from adarec.data.length_groups import bucket_width
 from adarec.data.split import input_layout
+from adarec.engine.data_setup import read_run_sequences
 from adarec.engine.distributed import pick_device
 from adarec.engine.run_model import load_model, read_run_config
 from adarec.errors import AdarecError
@@ -74,7 +75,8 @@ def load_served_run(run_dir: Path, device: str = "auto", action: str = "serve") 
     if device == "cuda" and not torch.cuda.is_available():
         raise AdarecError("device cuda: no CUDA device is available (use auto or cpu)")
     dev = pick_device(device)
-    seqs = read_sequences(resolve_data_path(cfg), max_users=cfg.data.max_users)
+    # As the run read it: data.max_users, then the data filters (the items the weights number).
+    seqs = read_run_sequences(cfg)
     keep, width = input_layout(cfg.data.max_len, cfg.data.shorten_seq_to)
     loaded = load_model(cfg, weights_path, int(seqs.num_items), width, dev)
     return ServedRun(run_dir, cfg, seqs, loaded.model, dev, weights_path, loaded.best_epoch, keep, width)
