@@ -122,9 +122,10 @@ _METRIC = re.compile(rf"^({'|'.join(SELECT_METRICS)})@([0-9]+)$", re.IGNORECASE)
 
 def _canonical_metric(value: str) -> str:
     """HR@K, NDCG@K or MRR@K in any case, returned as the metrics' key (upper case)."""
-    if _METRIC.match(value) is None:
+    match = _METRIC.match(value)
+    if match is None:
         raise PydanticCustomError(_RULE_ERROR, "{rule}", {})
-    return value.upper()
+    return f"{match.group(1).upper()}@{int(match.group(2))}"       # HR@010 is the HR@10 key
 
 
 class _Section(BaseModel):
@@ -442,7 +443,13 @@ class RunConfig(_Section):
 def _rules_between(cfg: RunConfig) -> Iterator[tuple[str, bool, str, tuple[str, ...]]]:
     """(key, ok, rule, other keys it depends on) for each rule that involves several keys; the
     error names where the newest of the key and the others was set."""
-    m, t, e = cfg.model, cfg.train, cfg.eval
+    d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
+    # The filters would count and drop the generated items of an augmented file as real ones,
+    # moving real items into the generated prefix; filter before `adarec augment` instead.
+    for key in ("min_user_items", "min_item_users"):
+        yield (f"data.{key}", d.augmented_prefix == 0 or getattr(d, key) == 0,
+               "must be 0 for an augmented file (data.augmented_prefix > 0): filter the data before "
+               "`adarec augment`", ("data.augmented_prefix",))
     yield ("model.hidden_size", m.hidden_size % m.num_heads == 0,
            f"must be divisible by model.num_heads ({m.num_heads})", ("model.num_heads",))
     authors_steps = m.name == "adarec-dual" or (m.name == "adarec" and m.level_schedule == "authors")

@@ -80,8 +80,8 @@ class Run:
     seed: object
     select: str
     epochs: int | None
-    best_epoch: int | None
-    best_value: float | None
+    best_epoch: int | str | None      # several members: each one's best epoch, joined with "/"
+    best_value: float | None          # several members: the mean of their best values
     test: dict[str, float] | None
     offline: list[tuple[str, dict[str, float]]] = field(default_factory=list)
 
@@ -190,13 +190,21 @@ def load_run(label: str, path: Path) -> Run:
     rows = _read_rows(label, path / "metrics.jsonl")
     select = str(_section(config, "eval").get("select_metric", "NDCG@20")).upper()
     valid = [r for r in rows if str(r.get("split", "")).split("/")[0] == "valid"]
-    best = None
+    # Each member (adarec-dual's e5 and e10: splits "valid/<member>") keeps the weights of its own
+    # best validation epoch, as the trainer selects them; a one-member run has split "valid".
+    member_best: dict[str, dict] = {}
     for row in valid:
         if select not in row:
             raise AdarecError(f"{label}/metrics.jsonl: the validation row of epoch {row.get('epoch')} has no "
                               f"{select} (the run's eval.select_metric)")
+        best = member_best.get(row["split"])
         if best is None or row[select] > best[select]:        # the first of equal values, as the trainer
-            best = row
+            member_best[row["split"]] = row
+    bests = list(member_best.values())
+    # Several members: their best epochs joined with "/" and the mean of their best values.
+    best_epoch = ("/".join(str(b["epoch"]) for b in bests) if len(bests) > 1
+                  else bests[0]["epoch"] if bests else None)
+    best_value = sum(float(b[select]) for b in bests) / len(bests) if bests else None
     tests = [r for r in rows if r.get("split") == "test"]
     own = [r for r in tests if "source" not in r]
     test = own[-1] if own else None
@@ -214,8 +222,7 @@ def load_run(label: str, path: Path) -> Run:
             epochs = _last_epoch(valid)
     return Run(label=label, path=path, config=config, model=str(_section(config, "model").get("name", "?")),
                data=describe_data(config), seed=_section(config, "train").get("seed"), select=select,
-               epochs=epochs, best_epoch=None if best is None else best["epoch"],
-               best_value=None if best is None else float(best[select]),
+               epochs=epochs, best_epoch=best_epoch, best_value=best_value,
                test=None if test is None else _metrics(test), offline=offline)
 
 
@@ -229,8 +236,21 @@ def _ignored(dotted: str) -> bool:
     return dotted in IGNORED_KEYS or last in OUTPUT_KEY_NAMES or last.endswith("_dir")
 
 
+def _resolved(config: dict) -> dict:
+    """The config with today's defaults filled in, so that a run saved before a key existed compares
+    equal to a newer one that left it at its default; the file as it is when it no longer loads."""
+    from adarec.config import config_from_dict, config_to_dict
+
+    try:
+        return config_to_dict(config_from_dict(config, check=False))
+    except Exception:               # an old or foreign config: compared as written
+        return config
+
+
 def _comparable(config: dict, prefix: str = "") -> object:
-    """The config without IGNORED_KEYS and output locations, as a canonical JSON string."""
+    """The resolved config without IGNORED_KEYS and output locations, as a canonical JSON string."""
+    config = _resolved(config)
+
     def strip(value, at):
         if isinstance(value, dict):
             return {k: strip(v, f"{at}.{k}" if at else str(k)) for k, v in value.items()

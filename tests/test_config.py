@@ -40,6 +40,8 @@ EXPECTED = {
     "sasrec_toys.yaml": ("sasrec", "Toys_and_Games.txt", 2, None, None, "ce"),
 }
 
+KERNEL_MODULES = ("adarec.kernels.trajectory", "adarec.kernels.linear_ce")   # what adarec/backends.py loads
+
 
 def write(tmp_path: Path, text: str, name: str = "x.yaml") -> Path:
     path = tmp_path / name
@@ -547,6 +549,10 @@ def test_kernels_backend_help_says_what_auto_does(monkeypatch):
         assert phrase in text
     assert text in help_row("kernels.backend")
 
+    # The kernel modules imported under the session's TRITON_INTERPRET first: one first imported
+    # below, without the interpreter, would bind its kernels to a GPU driver for every later test.
+    for module in KERNEL_MODULES:
+        backends._load_triton(module, "__name__")
     monkeypatch.delenv("ADAREC_KERNELS", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -571,7 +577,7 @@ def test_kernels_backend_help_says_what_auto_does(monkeypatch):
 
 @pytest.mark.parametrize("written, canonical", [
     ("NDCG@20", "NDCG@20"), ("ndcg@20", "NDCG@20"), ("Ndcg@20", "NDCG@20"), ("hr@5", "HR@5"),
-    ("MRR@10", "MRR@10"), ("mrr@10", "MRR@10"), ("Mrr@20", "MRR@20"),
+    ("MRR@10", "MRR@10"), ("mrr@10", "MRR@10"), ("Mrr@20", "MRR@20"), ("hr@010", "HR@10"), ("NDCG@05", "NDCG@5"),
 ])
 def test_select_metric_is_case_insensitive_and_takes_mrr(written, canonical):
     cfg = load_config(None, [f"eval.select_metric={written}"])
@@ -649,3 +655,12 @@ def test_unknown_key_needs_no_pydantic():
         config_from_dict({"kernels": {"backends": "eager"}}, "x.json")
     assert str(err.value) == ("x.json: unknown key 'kernels.backends'; valid keys in 'kernels': "
                               "backend, ce_item_chunk")
+
+
+@pytest.mark.parametrize("key", ["min_user_items", "min_item_users"])
+def test_data_filters_are_refused_on_an_augmented_file(key):
+    """The k-core would count a DiffuASR file's generated items as real ones (docs/running.md)."""
+    with pytest.raises(ConfigError, match=rf"^--set data.{key}=3: data.{key} must be 0 for an augmented file"):
+        load_config(None, ["data.augmented_prefix=10", f"data.{key}=3"])
+    assert getattr(load_config(None, [f"data.{key}=3"]).data, key) == 3
+    assert load_config(None, ["data.augmented_prefix=10"]).data.augmented_prefix == 10

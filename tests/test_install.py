@@ -3,6 +3,7 @@ environment runs, setup.py's ranges admit those versions, and python_requires is
 needs (docs/install.md). CI runs vermin over the sources for the last part (.ci/run)."""
 
 import ast
+import os
 import re
 from importlib import metadata
 from pathlib import Path
@@ -49,8 +50,10 @@ def test_every_dependency_is_pinned_and_its_pin_is_in_range():
     assert set(pins) == {r.name.lower() for r in requirements()}, "constraints.txt pins a package setup.py lacks"
 
 
+@pytest.mark.skipif(not os.environ.get("CI"), reason="CI's environment is the tested set; a GPU or dev machine "
+                                                    "may hold other versions inside setup.py's ranges")
 def test_installed_versions_are_the_constraints():
-    """The environment the tests run in is the tested set (a local build label such as +cpu aside)."""
+    """CI runs the tests on the tested set (a local build label such as +cpu aside)."""
     for name, pinned in constraints().items():
         try:
             installed = metadata.version(name)

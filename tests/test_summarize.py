@@ -299,3 +299,18 @@ def test_results_md_tables_are_what_the_tool_regenerates():
     regenerated, changed = update_text(text, REPO, "RESULTS.md")
     assert changed == [], f"RESULTS.md blocks at lines {changed} are stale: run adarec summarize --update RESULTS.md"
     assert regenerated == text
+
+
+def test_each_member_of_a_run_keeps_its_own_best_epoch(tmp_path, capsys):
+    """adarec-dual's members are selected separately (valid/e5, valid/e10): the best epochs of
+    both, and the mean of their best values, not the single best row over both."""
+    run, _ = make_run(tmp_path, "dual", valid=(0.01,), test=False)
+    rows = [{"epoch": 1, "split": "valid/e5", "NDCG@20": 0.02}, {"epoch": 1, "split": "valid/e10", "NDCG@20": 0.01},
+            {"epoch": 2, "split": "valid/e5", "NDCG@20": 0.05}, {"epoch": 2, "split": "valid/e10", "NDCG@20": 0.02},
+            {"epoch": 3, "split": "valid/e5", "NDCG@20": 0.03}, {"epoch": 3, "split": "valid/e10", "NDCG@20": 0.04},
+            {"epoch": 3, "split": "test", "NDCG@20": 0.045, "trained_epochs": 3}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, _ = run_cli(capsys, "summarize", run, "--metrics", "NDCG@20")
+    assert code == 0
+    (row,) = md_dicts(out)
+    assert row["best epoch"] == "2/3" and row["valid NDCG@20"] == short((0.05 + 0.04) / 2)

@@ -222,6 +222,23 @@ def test_adarec_elcrec_representation_is_the_reference_full_width_mean(beauty, m
         assert not torch.allclose(trimmed, item_mean, atol=1e-3)
 
 
+@pytest.mark.parametrize("pooling", ["items", "reference"])
+def test_adarec_kmeans_clusters_the_representation_training_pools(beauty, pooling):
+    """The intent centres' k-means (prepare) clusters what the ELCRec terms will read: the
+    backbone's item-position mean under items, its full-width reference mean under reference."""
+    _, split = beauty
+    (net,) = build("adarec", split, "eager", f"model.elcrec_pooling={pooling}").values()
+    net.eval()
+    ids = split.train_input[:16]
+    with torch.no_grad():
+        got = net.initial_representation(ids)
+        items = (ids > 0).unsqueeze(-1)
+        expected = ((net.encoder(ids) * items).sum(1) / items.sum(1) if pooling == "items"
+                    else net.encoder(torch.nn.functional.pad(ids, (split.max_len - ids.shape[1], 0)),
+                                     reference_padding=True).mean(1))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_dual_expert_representation_is_the_reference_full_width_mean(beauty):
     _, split = beauty
     members = build("adarec-dual", split)

@@ -196,6 +196,14 @@ class ADARec(ELCRec):
         return {"h": h, "z_coar": z_coar, "coarse": coarse, "g": g, "packed": packed,
                 "decision": decision, "l_deno": l_deno, "e_hat": e_hat, "e0": e0}
 
+    def initial_representation(self, ids: torch.Tensor) -> torch.Tensor:
+        """What the intent centres' k-means clusters: the representation training's ELCRec terms
+        start from, the untrained backbone's item-position mean under model.elcrec_pooling=items,
+        its full-width reference mean under reference."""
+        if self.elcrec_pooling == "reference":
+            return super().initial_representation(ids)
+        return masked_mean(self.encoder(ids), ids)
+
     def reference_mean(self, out: dict, input_ids: torch.Tensor) -> torch.Tensor:
         """The ELCRec terms' representation [B, D] under model.elcrec_pooling=reference: the mean of
         h over all max_len positions as a full-width batch computes it with the reference's padding attention (a

@@ -47,11 +47,11 @@ class ELCRec(SASRec):
 
     def elcrec_terms(self, batch: dict, representation: torch.Tensor) -> dict[str, torch.Tensor]:
         """The ELCRec losses for a batch whose main sequence's representation is `representation`
-        [B, D]: the reference's mean over all max_len positions of the full-width outputs, padding
-        outputs included (docs/method.md 2.5). Every model on this backbone computes it so, at any
-        batch width: ELCRec and the dual model's experts from `full_width_outputs`, ADARec from its
-        fused output (`ADARec.reference_mean`). The item-position mean, width-independent too,
-        stalled ELCRec's validation NDCG@20 at .011 on Beauty (docs/method.md 2.5).
+        [B, D], the same at any batch width (docs/method.md 2.5): for ELCRec and the dual model's
+        experts the reference's mean over all max_len positions of the full-width outputs, padding
+        outputs included (`full_width_outputs`; the item-position mean stalled ELCRec's validation
+        NDCG@20 at .011 on Beauty); for ADARec the item-position mean of h or, with
+        model.elcrec_pooling=reference, its full-width mean (`ADARec.reference_mean`).
 
         Kept separate from forward so that models built on this backbone (ADARec) reuse it.
         """
